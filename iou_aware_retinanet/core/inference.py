@@ -72,7 +72,9 @@ def select_level_candidates(
     """
     fused = fuse_scores(cls_probs, None if ious is None else ious[:, None], config.alpha)
     gate = fused if config.threshold_on == "fused" else cls_probs
-    keep = gate > config.score_thresh  # NaN compares False: non-finite scores drop out here
+    # NaN compares False, but a NaN / inf IoU would still pass the "cls" gate (and an
+    # inf one the "fused" gate): drop non-finite fused scores explicitly.
+    keep = (gate > config.score_thresh) & torch.isfinite(fused)
     pair_idx = torch.nonzero(keep)  # (P, 2) anchor, class
     scores = fused[keep]
     scores, order = scores.topk(min(config.topk_candidates, scores.shape[0]))

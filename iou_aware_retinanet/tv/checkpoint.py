@@ -28,7 +28,7 @@ from .config import check_weights_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_weights", "save_checkpoint"]
+__all__ = ["last_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "write_last_checkpoint"]
 
 
 def _read(path: str):
@@ -98,8 +98,59 @@ def load_weights(model: nn.Module, path: str):
 
 
 def save_checkpoint(model: nn.Module, path: str, **extra) -> None:
-    """Write ``{"model": model.state_dict(), **extra}`` atomically (loadable by :func:`load_weights`)."""
+    """Write ``{"model": model.state_dict(), **extra}`` atomically (loadable by :func:`load_weights`).
+
+    The file is written to ``<path>.tmp``, flushed to disk, then renamed over
+    ``path``: a kill at any moment leaves either the old file or the new one.
+    ``extra`` must hold only what ``torch.load(weights_only=True)`` reads back
+    (tensors, numbers, strings, lists / dicts of them), e.g. an optimizer's
+    ``state_dict()``.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_save({"model": model.state_dict(), **extra}, path)
+
+
+def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp"
-    torch.save({"model": model.state_dict(), **extra}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A training checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a training checkpoint (no 'model' entry)")
+    return checkpoint
+
+
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+def write_last_checkpoint(output_dir: str, file_name: str) -> None:
+    """Record ``file_name`` (in ``output_dir``) as the newest checkpoint, atomically (Detectron2's layout)."""
+    path = os.path.join(output_dir, LAST_CHECKPOINT)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(file_name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def last_checkpoint(output_dir: str):
+    """Path of the checkpoint ``output_dir/last_checkpoint`` names, or None when there is none."""
+    path = os.path.join(output_dir, LAST_CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "r", encoding="utf-8") as f:
+        name = f.read().strip()
+    checkpoint = os.path.join(output_dir, name)
+    if not name or not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{path} names {name!r}, which is not in {output_dir}")
+    return checkpoint

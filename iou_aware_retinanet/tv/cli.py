@@ -1,0 +1,210 @@
+"""Command line of the torchvision front-end: train, evaluate, predict.
+
+    python -m iou_aware_retinanet train   --config-file FILE [--resume] [KEY VALUE ...]
+    python -m iou_aware_retinanet eval    --config-file FILE [--weights W] [KEY VALUE ...]
+    python -m iou_aware_retinanet predict --config-file FILE --input IMG [IMG ...] --output OUT
+                                          [--weights W] [--min-score S] [KEY VALUE ...]
+
+(also installed as ``iou-aware-retinanet``). Trailing ``KEY VALUE`` pairs
+override the config, as with Detectron2's ``train_net.py``; put them after
+the options. ``eval`` and ``predict`` load ``--weights``, else
+``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``.
+"""
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional, Sequence
+
+import cv2
+import torch
+from tqdm import tqdm
+
+from .config import get_cfg
+from ..visualize import draw_detections
+from .data import dataset_categories, read_images, resolve_dataset
+from .engine import console_filter, evaluate_all, load_model, log_to_file, save_config, train
+from .evaluation import atomic_write_json, detections_to_coco
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "get_parser", "setup_cfg", "predict"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class _TqdmHandler(logging.Handler):
+    """Console logging (to the current ``sys.stdout``) that does not break the progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # logging's convention
+            self.handleError(record)
+
+
+def setup_logging() -> None:
+    """INFO logs of the project on stdout (once per process)."""
+    project = logging.getLogger("iou_aware_retinanet")
+    if any(isinstance(h, _TqdmHandler) for h in project.handlers):
+        return
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    handler.addFilter(console_filter())
+    project.addHandler(handler)
+    project.setLevel(logging.INFO)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m iou_aware_retinanet",
+        description="IoU-aware RetinaNet, torchvision front-end: train, evaluate, predict.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{train,eval,predict}")
+    commands.required = True
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config-file", required=True, metavar="FILE", help="YAML config")
+        return sub
+
+    train_parser = add("train", "train, then evaluate on DATASETS.TEST")
+    train_parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint")
+    eval_parser = add("eval", "evaluate on DATASETS.TEST (COCO AP)")
+    eval_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
+    predict_parser = add("predict", "draw the detections on images")
+    predict_parser.add_argument("--input", nargs="+", required=True, metavar="IMG", help="image files")
+    predict_parser.add_argument("--output", required=True, metavar="OUT", help="image file (one input) or folder")
+    predict_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
+    predict_parser.add_argument("--min-score", type=float, default=0.3, metavar="S", help="keep detections with score >= S (default 0.3)")
+    for sub in (train_parser, eval_parser, predict_parser):
+        sub.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides, e.g. SOLVER.MAX_ITER 100")
+    return parser
+
+
+def setup_cfg(config_file: str, opts: Sequence[str] = ()):
+    """``get_cfg()`` + the file + the ``KEY VALUE`` overrides, frozen."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file}: file not found")
+    if len(opts) % 2:
+        raise ValueError(f"config overrides come in KEY VALUE pairs, got an odd number: {list(opts)}")
+    cfg = get_cfg()
+    cfg.merge_from_file(config_file)
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:  # yacs asserts on unknown keys
+        raise KeyError(f"command-line override: {e}") from None
+    cfg.freeze()
+    return cfg
+
+
+def resolve_weights(cfg, weights: Optional[str]) -> str:
+    """``--weights``, else ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``."""
+    for candidate in (weights, cfg.MODEL.WEIGHTS):
+        if candidate:
+            return candidate
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if not os.path.isfile(final):
+        raise FileNotFoundError(
+            f"no weights to load: neither --weights nor MODEL.WEIGHTS is given and {final} does not exist"
+        )
+    return final
+
+
+def run_eval(cfg, weights: Optional[str]):
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: nothing to evaluate on")
+    for name in cfg.DATASETS.TEST:
+        resolve_dataset(cfg, name, "DATASETS.TEST")  # unknown names fail before the model is built
+    model = load_model(cfg, resolve_weights(cfg, weights))
+    os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
+    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"))
+    return evaluate_all(cfg, model)
+
+
+def _is_single_file(inputs: Sequence[str], output: str) -> bool:
+    """One input and ``output`` named like an image file (not an existing folder)."""
+    return len(inputs) == 1 and os.path.splitext(output)[1].lower() in IMAGE_EXTENSIONS and not os.path.isdir(output)
+
+
+def _output_paths(inputs: Sequence[str], output: str) -> List[str]:
+    """One PNG per input: ``output`` itself (as .png) for a single file, else files in the ``output`` folder."""
+    if _is_single_file(inputs, output):
+        return [os.path.splitext(output)[0] + ".png"]
+    names = [os.path.splitext(os.path.basename(p))[0] + ".png" for p in inputs]
+    if len(set(names)) != len(names):  # the same base name in different folders
+        names = [f"{i:04d}_{n}" for i, n in enumerate(names)]
+    return [os.path.join(output, n) for n in names]
+
+
+def _categories(cfg) -> List[tuple]:
+    """(COCO category id, name) per class index: the first test dataset's, else (index, "index")."""
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    categories = dataset_categories(cfg, cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+    if categories is not None and len(categories) != num_classes:
+        logger.warning(
+            "DATASETS.TEST %r has %d categories, MODEL.RETINANET.NUM_CLASSES is %d: labelling with class indices",
+            cfg.DATASETS.TEST[0], len(categories), num_classes,
+        )
+        categories = None
+    return categories or [(i, str(i)) for i in range(num_classes)]
+
+
+@torch.no_grad()
+def _detect(model, image: torch.Tensor, min_score: float) -> dict:
+    output = model([image.to(next(model.parameters()).device)])[0]
+    keep = output["scores"] >= min_score
+    return {k: v[keep].cpu() for k, v in output.items()}
+
+
+def predict(cfg, inputs: Sequence[str], output: str, weights: Optional[str] = None, min_score: float = 0.3) -> dict:
+    """Detect on ``inputs``, keep scores >= ``min_score``, draw them into PNGs and write a
+    COCO-format json of the detections (with scores) next to them; returns the json's content."""
+    images = read_images(inputs)  # fails on the first missing / unreadable file, before any work
+    model = load_model(cfg, resolve_weights(cfg, weights))
+    categories = _categories(cfg)
+    category_ids, names = [c for c, _ in categories], [n for _, n in categories]
+    out_paths = _output_paths(inputs, output)
+    os.makedirs(os.path.dirname(os.path.abspath(out_paths[0])), exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": n} for c, n in categories]}
+    for image_id, (path, image, out_path) in enumerate(zip(inputs, images, out_paths), start=1):
+        dets = _detect(model, image, min_score)
+        bgr = (image.permute(1, 2, 0).flip(-1) * 255).round().to(torch.uint8).numpy()
+        ious = dets["pred_ious"].numpy() if "pred_ious" in dets else None
+        drawn = draw_detections(
+            bgr, dets["boxes"].numpy(), dets["labels"].numpy(), dets["scores"].numpy(), ious, names
+        )
+        if not cv2.imwrite(out_path, drawn):
+            raise OSError(f"could not write {out_path}")
+        coco["images"].append(
+            {"id": image_id, "file_name": os.path.abspath(path), "height": int(image.shape[1]),
+             "width": int(image.shape[2]), "drawn_file": os.path.abspath(out_path)}
+        )  # fmt: skip
+        for det in detections_to_coco(dets, image_id, category_ids):
+            area = det["bbox"][2] * det["bbox"][3]
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "area": area, "iscrowd": 0, **det})
+        print(f"{path}: {len(dets['scores'])} detections with score >= {min_score} -> {out_path}")
+    if _is_single_file(inputs, output):
+        json_path = os.path.splitext(out_paths[0])[0] + ".json"
+    else:
+        json_path = os.path.join(output, "predictions.json")
+    atomic_write_json(json_path, coco)
+    print(f"detections (COCO format, with scores): {json_path}")
+    return coco
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Entry point; ``argv`` defaults to ``sys.argv[1:]``. Returns the command's result."""
+    args = get_parser().parse_args(argv)
+    setup_logging()
+    cfg = setup_cfg(args.config_file, args.opts)
+    if args.command == "train":
+        return train(cfg, resume=args.resume)  # logs the AP table
+    if args.command == "eval":
+        with log_to_file(cfg.OUTPUT_DIR):
+            return run_eval(cfg, args.weights)  # logs the AP table
+    return predict(cfg, args.input, args.output, args.weights, args.min_score)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Data loading of the torchvision front-end: named datasets, deterministic
+training order and augmentation, test loaders.
+
+Dataset names (``DATASETS.TRAIN`` / ``DATASETS.TEST``) resolve like this:
+
+1. ``DATASETS.COCO_INSTANCES``: a list of ``[name, json_file, image_root]``,
+   the config's own COCO-format datasets;
+2. the named datasets of :mod:`iou_aware_retinanet.data.builtin` (the
+   synthetic shapes splits, generated on first use; Detectron2's COCO names;
+   :func:`~iou_aware_retinanet.data.builtin.register_coco_dataset`).
+
+Reproducibility: what the model sees at iteration ``i`` is a pure function of
+``(seed, i)``, so that a run killed and resumed from a checkpoint computes
+exactly what an uninterrupted run does.
+
+* :class:`TrainingSampler`: an infinite stream of sample positions; position
+  ``p`` is element ``p % N`` of epoch ``p // N``'s permutation, drawn from a
+  ``torch.Generator`` seeded with ``(seed, epoch)``. Iteration ``i`` takes
+  positions ``[i * B, (i + 1) * B)``; starting at any iteration needs no
+  other state.
+* :class:`SeededHorizontalFlip`: flips sample ``(epoch, index)`` when a
+  ``torch.Generator`` seeded with ``(seed, epoch, index)`` says so, whatever
+  DataLoader worker loads it.
+"""
+import hashlib
+import json
+import logging
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data import builtin
+from ..data.coco import (
+    CocoDetectionData,
+    CocoDetectionDataset,
+    CocoRecord,
+    collate_detection,
+    hflip_boxes,
+    load_coco_detection,
+    read_image_rgb,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "UnknownDatasetError",
+    "SeededHorizontalFlip",
+    "TrainingDataset",
+    "TrainingSampler",
+    "build_flip",
+    "build_test_loader",
+    "build_train_loader",
+    "dataset_categories",
+    "dataset_class_names",
+    "read_images",
+    "derive_seed",
+    "load_dataset",
+    "load_train_records",
+    "resolve_dataset",
+]
+
+
+class UnknownDatasetError(KeyError):
+    """A dataset name that neither DATASETS.COCO_INSTANCES nor the built-in names define."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (and their order), the same on every machine."""
+    digest = hashlib.sha256(",".join(str(int(v)) for v in values).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _config_datasets(cfg) -> dict:
+    datasets = {}
+    for entry in cfg.DATASETS.COCO_INSTANCES:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 3
+            or not all(isinstance(v, str) and v for v in entry)
+        ):
+            raise ValueError(
+                f"DATASETS.COCO_INSTANCES entries are [name, json_file, image_root] (three strings), got {entry!r}"
+            )
+        name, json_file, image_root = entry
+        if name in datasets and datasets[name] != (json_file, image_root):
+            raise ValueError(f"DATASETS.COCO_INSTANCES names {name!r} twice, with different files")
+        datasets[name] = (json_file, image_root)
+    return datasets
+
+
+def resolve_dataset(cfg, name: str, key: str = "DATASETS") -> Tuple[str, str]:
+    """(json file, image folder) of dataset ``name``; generates a built-in shapes split if needed.
+
+    ``key`` (e.g. ``"DATASETS.TRAIN"``) is named in the error for an unknown name.
+    """
+    own = _config_datasets(cfg)
+    if name in own:
+        return own[name]
+    try:
+        return builtin.builtin_dataset_paths(name)
+    except KeyError:
+        known = list(own) + builtin.builtin_dataset_names()
+        raise UnknownDatasetError(
+            f"{key}: unknown dataset {name!r}. Known names: {', '.join(known)}. Name your own COCO-format "
+            "dataset with DATASETS.COCO_INSTANCES [[name, json_file, image_root]]."
+        ) from None
+
+
+def load_dataset(cfg, name: str, key: str = "DATASETS.TEST", drop_empty: bool = False) -> CocoDetectionData:
+    """Read dataset ``name`` (see :func:`resolve_dataset`) and check it against the config's classes."""
+    json_file, image_root = resolve_dataset(cfg, name, key)
+    data = load_coco_detection(json_file, image_root, drop_images_without_boxes=drop_empty)
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    if data.num_classes > num_classes:
+        raise ValueError(
+            f"dataset {name!r} ({json_file}) has {data.num_classes} categories but "
+            f"MODEL.RETINANET.NUM_CLASSES is {num_classes}"
+        )
+    if data.num_classes < num_classes:
+        logger.warning(
+            "dataset %r has %d categories, MODEL.RETINANET.NUM_CLASSES is %d: the extra classes never get a positive",
+            name, data.num_classes, num_classes,
+        )
+    return data
+
+
+def dataset_categories(cfg, name: str) -> Optional[List[Tuple[int, str]]]:
+    """(COCO category id, name) of ``name``'s classes in contiguous order (increasing id),
+    read without loading or generating images; None, with a warning, when unavailable."""
+    if name in builtin.BUILTIN_SHAPES and name not in _config_datasets(cfg):
+        # The generator numbers the categories 1..K in this order.
+        return [(i + 1, n) for i, n in enumerate(builtin.shapes_class_names(name))]
+    try:
+        json_file, _ = resolve_dataset(cfg, name)
+        with open(json_file, "r", encoding="utf-8") as f:
+            categories = json.load(f)["categories"]
+        return [(int(c["id"]), str(c["name"])) for c in sorted(categories, key=lambda c: c["id"])]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        logger.warning("categories of dataset %r unavailable (%s); using class indices", name, e)
+        return None
+
+
+def dataset_class_names(cfg, name: str) -> Optional[List[str]]:
+    """Class names of ``name`` in contiguous order (see :func:`dataset_categories`)."""
+    categories = dataset_categories(cfg, name)
+    return None if categories is None else [n for _, n in categories]
+
+
+def load_train_records(cfg) -> Tuple[List[CocoRecord], List[str]]:
+    """Records of every ``DATASETS.TRAIN`` dataset, concatenated, and the class names.
+
+    ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` drops images without boxes, as in
+    Detectron2. The datasets must share their categories.
+    """
+    names = list(cfg.DATASETS.TRAIN)
+    if not names:
+        raise ValueError("DATASETS.TRAIN is empty: nothing to train on")
+    records, reference = [], None
+    for name in names:
+        data = load_dataset(cfg, name, "DATASETS.TRAIN", drop_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        categories = list(zip(data.category_ids, data.class_names))
+        if reference is None:
+            reference = (name, categories)
+        elif categories != reference[1]:
+            raise ValueError(
+                f"DATASETS.TRAIN: datasets {reference[0]!r} and {name!r} have different categories "
+                f"({reference[1]} vs {categories})"
+            )
+        records.extend(data.records)
+    if not records:
+        raise ValueError(
+            f"DATASETS.TRAIN {names}: no training images left (DATALOADER.FILTER_EMPTY_ANNOTATIONS "
+            f"is {cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS} and no image has a box)"
+        )
+    return records, [n for _, n in reference[1]]
+
+
+# --------------------------------------------------------------------------- training order and augmentation
+
+
+class TrainingSampler(Sampler):
+    """Batches of ``(epoch, index)`` keys for iterations ``start_iter, start_iter + 1, ...`` (infinite).
+
+    Sample position ``p = iteration * batch_size + j`` is ``index =
+    perm_e[p % size]`` of epoch ``e = p // size``, ``perm_e`` being a random
+    permutation from a generator seeded with ``(seed, e)``.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_iter: int = 0, shuffle: bool = True):
+        if size < 1 or batch_size < 1 or start_iter < 0:
+            raise ValueError(f"need size >= 1, batch_size >= 1, start_iter >= 0; got {size}, {batch_size}, {start_iter}")
+        self.size, self.batch_size, self.seed = size, batch_size, int(seed)
+        self.start_iter, self.shuffle = start_iter, shuffle
+
+    def permutation(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        position = self.start_iter * self.batch_size
+        epoch, perm = -1, []
+        while True:
+            batch = []
+            for p in range(position, position + self.batch_size):
+                if p // self.size != epoch:
+                    epoch = p // self.size
+                    perm = self.permutation(epoch)
+                batch.append((epoch, perm[p % self.size]))
+            yield batch
+            position += self.batch_size
+
+
+class SeededHorizontalFlip:
+    """Mirror sample ``(epoch, index)`` with probability ``prob``, decided by ``(seed, epoch, index)``."""
+
+    def __init__(self, seed: int, prob: float = 0.5):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {prob}")
+        self.seed, self.prob = int(seed), prob
+
+    def flips(self, epoch: int, index: int) -> bool:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index))
+        return float(torch.rand((), generator=generator)) < self.prob
+
+    def __call__(self, image: torch.Tensor, target: dict, epoch: int, index: int):
+        if not self.flips(epoch, index):
+            return image, target
+        target = dict(target)
+        target["boxes"] = hflip_boxes(target["boxes"], image.shape[-1])
+        return image.flip(-1), target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seed={self.seed}, prob={self.prob})"
+
+
+def build_flip(cfg, seed: int) -> Optional[SeededHorizontalFlip]:
+    """``INPUT.RANDOM_FLIP``: "horizontal" or "none"; anything else is an error."""
+    flip = cfg.INPUT.RANDOM_FLIP
+    if flip == "horizontal":
+        return SeededHorizontalFlip(seed)
+    if flip == "none":
+        return None
+    raise ValueError(
+        f"INPUT.RANDOM_FLIP={flip!r} is not supported by the torchvision front-end; supported: 'horizontal', 'none'"
+    )
+
+
+class TrainingDataset(Dataset):
+    """Records served by ``(epoch, index)`` keys (see :class:`TrainingSampler`), flipped by ``flip``."""
+
+    def __init__(self, records: Sequence[CocoRecord], flip: Optional[SeededHorizontalFlip] = None):
+        self.base = CocoDetectionDataset(records)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        image, target = self.base[index]
+        if self.flip is not None:
+            image, target = self.flip(image, target, epoch, index)
+        return image, target
+
+
+def _worker_init(worker_id: int) -> None:
+    # Nothing here draws from a global generator; keep numpy / random
+    # deterministic anyway, for code that someone adds later.
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % (1 << 32)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _loader(dataset, cfg, seed: int, **kwargs) -> DataLoader:
+    num_workers = cfg.DATALOADER.NUM_WORKERS
+    if num_workers < 0:
+        raise ValueError(f"DATALOADER.NUM_WORKERS must be >= 0, got {num_workers}")
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        worker_init_fn=_worker_init if num_workers else None,
+        # A private generator: creating the loader does not consume the global RNG.
+        generator=torch.Generator().manual_seed(derive_seed(seed, 1)),
+        **kwargs,
+    )
+
+
+def build_train_loader(cfg, seed: int, start_iter: int = 0, records: Optional[Sequence[CocoRecord]] = None):
+    """Infinite loader of ``(images, targets)`` batches of ``SOLVER.IMS_PER_BATCH``, from ``start_iter`` on."""
+    if records is None:
+        records, _ = load_train_records(cfg)
+    dataset = TrainingDataset(records, build_flip(cfg, seed))
+    sampler = TrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, seed, start_iter)
+    return _loader(dataset, cfg, seed, batch_sampler=sampler)
+
+
+def build_test_loader(cfg, dataset_name: str, batch_size: int = 1, data: Optional[CocoDetectionData] = None):
+    """Loader of ``dataset_name`` in file order (every image, annotated or not), with ``loader.data``
+    the :class:`~iou_aware_retinanet.data.coco.CocoDetectionData` (class mapping, COCO ground truth)."""
+    if data is None:
+        data = load_dataset(cfg, dataset_name, "DATASETS.TEST")
+    loader = _loader(CocoDetectionDataset(data.records), cfg, seed=0, batch_size=batch_size, shuffle=False)
+    loader.data = data
+    return loader
+
+
+def read_images(paths: Sequence[str]) -> List[torch.Tensor]:
+    """RGB float (3, H, W) images in [0, 1]; an error naming the first file that is missing or unreadable."""
+    images = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input image not found: {path}")
+        rgb = read_image_rgb(path)
+        images.append(torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div_(255.0))
+    return images

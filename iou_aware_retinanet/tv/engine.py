@@ -1,0 +1,571 @@
+"""Training and evaluation loop of the torchvision front-end, with Detectron2's semantics.
+
+    from iou_aware_retinanet.tv import get_cfg
+    from iou_aware_retinanet.tv.engine import train, load_model, evaluate
+
+    cfg = get_cfg(); cfg.merge_from_file("configs/Shapes/iou_aware_retinanet.yaml")
+    results = train(cfg)                 # {"shapes_val": {"bbox": {"AP": ..., ...}}}
+    model = load_model(cfg, "output/.../model_final.pth")
+    result = evaluate(cfg, model, "shapes_val")   # metrics and COCO detections
+
+What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
+
+* SGD with Detectron2's parameter groups (``SOLVER.WEIGHT_DECAY_NORM`` for
+  normalization layers, ``SOLVER.BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS`` for
+  biases), optional per-parameter gradient clipping
+  (``SOLVER.CLIP_GRADIENTS``), and the ``WarmupMultiStepLR`` /
+  ``WarmupCosineLR`` schedules: the learning rate of iteration ``i`` is
+  ``BASE_LR * f(i)``;
+* a tqdm progress bar (losses, learning rate, it/s); every 20 iterations a
+  line in ``OUTPUT_DIR/log.txt`` and a json object in
+  ``OUTPUT_DIR/metrics.json`` (window medians of the losses, as Detectron2);
+* a checkpoint ``model_<iter>.pth`` after every ``SOLVER.CHECKPOINT_PERIOD``
+  iterations and ``model_final.pth`` at the end, each written atomically,
+  ``last_checkpoint`` naming the newest; they hold the model, optimizer,
+  scheduler, iteration and seed, and load with ``torch.load(weights_only=True)``;
+* ``resume=True`` continues from ``last_checkpoint``: the data order, the
+  flips and the global RNG are functions of ``(seed, iteration)``
+  (:mod:`.data`; the global generator is reseeded each iteration), so a
+  resumed run ends with the same weights as an uninterrupted one;
+* a non-finite loss stops the run with :class:`NonFiniteLossError` before
+  the optimizer step, so no checkpoint holds the damage;
+* evaluation on ``DATASETS.TEST`` every ``TEST.EVAL_PERIOD`` iterations
+  (0: never) and after the last one.
+"""
+import bisect
+import contextlib
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
+from .data import dataset_class_names, derive_seed, load_train_records, resolve_dataset, build_train_loader
+from .evaluation import EvaluationResult, evaluate, format_metrics_table
+from .config import check_cfg
+from .model import build_model
+
+logger = logging.getLogger(__name__)
+# Every-20-iterations lines: log.txt only (the console has the progress bar).
+progress_logger = logging.getLogger(__name__ + ".progress")
+
+__all__ = [
+    "NonFiniteLossError",
+    "WarmupLRScheduler",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "evaluate",
+    "evaluate_all",
+    "get_default_optimizer_params",
+    "load_model",
+    "lr_factor",
+    "resolve_seed",
+    "seed_all",
+    "train",
+]
+
+LOG_PERIOD = 20
+NORM_MODULE_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)  # fmt: skip
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the iteration and every loss term."""
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def resolve_seed(cfg) -> int:
+    """``SEED``, or a fresh random seed when it is negative (Detectron2's ``-1``)."""
+    if cfg.SEED >= 0:
+        return int(cfg.SEED)
+    seed = os.getpid() + int(datetime.datetime.now().strftime("%S%f")) + int.from_bytes(os.urandom(2), "big")
+    logger.info("SEED is %d: using the random seed %d", cfg.SEED, seed)
+    return seed
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def get_default_optimizer_params(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: Optional[float] = None,
+    bias_lr_factor: float = 1.0,
+    weight_decay_bias: Optional[float] = None,
+) -> List[dict]:
+    """Detectron2's parameter groups: normalization parameters get ``weight_decay_norm``;
+    parameters named ``bias`` get ``base_lr * bias_lr_factor`` and, when set,
+    ``weight_decay_bias`` (which then wins over ``weight_decay_norm`` for norm
+    biases, as in Detectron2). Frozen and shared parameters are counted once.
+    Parameters with equal hyper-parameters share a group, in model order."""
+    groups: "OrderedDict[tuple, List[nn.Parameter]]" = OrderedDict()
+    seen = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            lr, decay = base_lr, weight_decay
+            if isinstance(module, NORM_MODULE_TYPES) and weight_decay_norm is not None:
+                decay = weight_decay_norm
+            if name == "bias":
+                lr = base_lr * bias_lr_factor
+                if weight_decay_bias is not None:
+                    decay = weight_decay_bias
+            groups.setdefault((lr, decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
+    """SGD over :func:`get_default_optimizer_params` (Detectron2's ``build_optimizer``)."""
+    solver = cfg.SOLVER
+    params = get_default_optimizer_params(
+        model,
+        base_lr=solver.BASE_LR,
+        weight_decay=solver.WEIGHT_DECAY,
+        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+        bias_lr_factor=solver.BIAS_LR_FACTOR,
+        weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
+    )
+    return torch.optim.SGD(
+        params, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV,
+        weight_decay=solver.WEIGHT_DECAY,
+    )
+
+
+def clip_gradients(cfg, optimizer: torch.optim.Optimizer) -> None:
+    """``SOLVER.CLIP_GRADIENTS``, per parameter as Detectron2 does: each parameter's
+    gradient values ("value") or gradient norm ("norm") is clipped on its own."""
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if clip.CLIP_TYPE == "value":
+                torch.nn.utils.clip_grad_value_(param, clip.CLIP_VALUE)
+            else:
+                torch.nn.utils.clip_grad_norm_(param, clip.CLIP_VALUE, clip.NORM_TYPE)
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def _steps(cfg) -> List[int]:
+    steps = [int(s) for s in cfg.SOLVER.STEPS]
+    kept = [s for s in steps if s <= cfg.SOLVER.MAX_ITER]
+    if len(kept) != len(steps):
+        logger.warning("SOLVER.STEPS %s: values beyond SOLVER.MAX_ITER %d are ignored", steps, cfg.SOLVER.MAX_ITER)
+    return kept
+
+
+def lr_factor(cfg, iteration: int, steps: Optional[List[int]] = None) -> float:
+    """The learning rate of ``iteration`` divided by the base one, with Detectron2's semantics.
+
+    WarmupMultiStepLR: ``GAMMA ** (number of STEPS <= iteration)``; WarmupCosineLR:
+    from 1 down to ``BASE_LR_END / BASE_LR`` over ``MAX_ITER``. Before
+    ``WARMUP_ITERS`` (capped at ``MAX_ITER``): "linear" goes from
+    ``WARMUP_FACTOR`` times the schedule's value at 0 to its value at the end
+    of the warmup; "constant" stays at the former.
+    """
+    solver = cfg.SOLVER
+    steps = _steps(cfg) if steps is None else steps
+    max_iter = solver.MAX_ITER
+
+    def schedule(i: int) -> float:
+        if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
+            return solver.GAMMA ** bisect.bisect_right(steps, i)
+        if solver.LR_SCHEDULER_NAME == "WarmupCosineLR":
+            end = solver.BASE_LR_END / solver.BASE_LR
+            return end + 0.5 * (1.0 - end) * (1.0 + math.cos(math.pi * min(i / max_iter, 1.0)))
+        raise ValueError(
+            f"SOLVER.LR_SCHEDULER_NAME={solver.LR_SCHEDULER_NAME!r}; supported: 'WarmupMultiStepLR', 'WarmupCosineLR'"
+        )
+
+    warmup_iters = min(solver.WARMUP_ITERS, max_iter)
+    if iteration >= warmup_iters:
+        return schedule(iteration)
+    start = solver.WARMUP_FACTOR * schedule(0)
+    if solver.WARMUP_METHOD == "constant":
+        return start
+    if solver.WARMUP_METHOD != "linear":
+        raise ValueError(f"SOLVER.WARMUP_METHOD={solver.WARMUP_METHOD!r}; supported: 'linear', 'constant'")
+    alpha = iteration / warmup_iters
+    return start * (1.0 - alpha) + schedule(warmup_iters) * alpha
+
+
+class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """``lr = initial_lr * lr_factor(cfg, last_epoch)`` for every group; ``step()`` after each iteration.
+
+    Its ``state_dict`` is the position only (``last_epoch``, ``base_lrs``):
+    as with Detectron2's ``LRMultiplier``, the schedule itself comes from the
+    config, so a resumed run may change e.g. ``SOLVER.STEPS``.
+    """
+
+    _STATE = ("last_epoch", "base_lrs", "_step_count", "_last_lr")
+
+    def __init__(self, optimizer, cfg, last_epoch: int = -1):
+        self.cfg = cfg
+        self.steps = _steps(cfg)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        factor = lr_factor(self.cfg, self.last_epoch, self.steps)
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {key: self.__dict__[key] for key in self._STATE if key in self.__dict__}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update({key: state_dict[key] for key in self._STATE if key in state_dict})
+
+
+def build_lr_scheduler(cfg, optimizer) -> WarmupLRScheduler:
+    return WarmupLRScheduler(optimizer, cfg)
+
+
+# --------------------------------------------------------------------------- checkpoints and logs
+
+
+class Checkpointer:
+    """Saves and restores everything an exact resume needs, in ``output_dir``."""
+
+    def __init__(self, output_dir: str, model, optimizer, scheduler):
+        self.output_dir, self.model, self.optimizer, self.scheduler = output_dir, model, optimizer, scheduler
+
+    def save(self, name: str, iteration: int, seed: int) -> str:
+        path = os.path.join(self.output_dir, f"{name}.pth")
+        save_checkpoint(
+            self.model, path,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            iteration=int(iteration), seed=int(seed),
+        )  # fmt: skip
+        write_last_checkpoint(self.output_dir, os.path.basename(path))
+        logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
+        return path
+
+    def resume(self) -> Optional[dict]:
+        """Load ``last_checkpoint`` into model, optimizer and scheduler; None when there is none."""
+        path = last_checkpoint(self.output_dir)
+        if path is None:
+            return None
+        checkpoint = load_checkpoint(path)
+        missing = [key for key in ("optimizer", "scheduler", "iteration", "seed") if key not in checkpoint]
+        if missing:
+            raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        logger.info("Resuming from %s (iteration %d)", path, checkpoint["iteration"])
+        return checkpoint
+
+
+class MetricsWriter:
+    """Detectron2's ``JSONWriter`` + ``CommonMetricPrinter``: window medians every ``period`` iterations."""
+
+    def __init__(self, output_dir: str, max_iter: int, period: int = LOG_PERIOD):
+        self.path = os.path.join(output_dir, "metrics.json")
+        self.max_iter, self.period = max_iter, period
+        self.window: List[Dict[str, float]] = []
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop lines past ``iteration`` (left by a run killed after its last checkpoint)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path, "r", encoding="utf-8") as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) <= iteration]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+
+    def add(self, iteration: int, values: Dict[str, float]) -> None:
+        self.window.append(values)
+        if (iteration + 1) % self.period == 0 or iteration == self.max_iter - 1:
+            self.flush(iteration)
+
+    def flush(self, iteration: int) -> None:
+        keys = [k for k in self.window[-1] if k not in ("lr", "time", "data_time")]
+        record = {"iteration": iteration}
+        record.update({k: statistics.median(v[k] for v in self.window) for k in keys})
+        record["lr"] = self.window[-1]["lr"]
+        record["time"] = statistics.mean(v["time"] for v in self.window)
+        record["data_time"] = statistics.mean(v["data_time"] for v in self.window)
+        record["eta_seconds"] = record["time"] * (self.max_iter - iteration - 1)
+        self.write(record)
+        eta = str(datetime.timedelta(seconds=int(record["eta_seconds"])))
+        losses = "  ".join(f"{k}: {record[k]:.4g}" for k in keys)
+        progress_logger.info(
+            "eta: %s  iter: %d  %s  time: %.4f  data_time: %.4f  lr: %.6g",
+            eta, iteration, losses, record["time"], record["data_time"], record["lr"],
+        )
+        self.window = []
+
+
+class _ConsoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(progress_logger.name)
+
+
+@contextlib.contextmanager
+def log_to_file(output_dir: str):
+    """Append the project's INFO logs to ``output_dir/log.txt`` for the duration of the block."""
+    os.makedirs(output_dir, exist_ok=True)
+    project = logging.getLogger("iou_aware_retinanet")
+    handler = logging.FileHandler(os.path.join(output_dir, "log.txt"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
+    old_level = project.level
+    if project.getEffectiveLevel() > logging.INFO:
+        project.setLevel(logging.INFO)
+    project.addHandler(handler)
+    try:
+        yield
+    finally:
+        project.removeHandler(handler)
+        project.setLevel(old_level)
+        handler.close()
+
+
+def console_filter() -> logging.Filter:
+    """Keeps the every-20-iterations lines off a console handler (see :func:`.cli.setup_logging`)."""
+    return _ConsoleFilter()
+
+
+def save_config(cfg, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(cfg.dump())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def load_model(cfg, weights: str):
+    """The model of ``cfg`` with ``weights`` loaded, in eval mode."""
+    model = build_model(cfg)
+    load_weights(model, weights)
+    return model.eval()
+
+
+def evaluate_all(cfg, model) -> "OrderedDict[str, Dict[str, Dict[str, float]]]":
+    """Evaluate on every ``DATASETS.TEST`` dataset: ``{name: {"bbox": metrics}}``, like Detectron2's ``test``."""
+    results = OrderedDict()
+    for name in cfg.DATASETS.TEST:
+        result: EvaluationResult = evaluate(cfg, model, name)
+        results[name] = {"bbox": result.metrics}
+    return results
+
+
+def _flatten(results: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, float]:
+    """Detectron2's ``flatten_results_dict`` of what ``test`` returns (one dataset: no dataset prefix)."""
+    if len(results) == 1:
+        results = next(iter(results.values()))
+        return {f"{task}/{k}": v for task, metrics in results.items() for k, v in metrics.items()}
+    return {f"{name}/{task}/{k}": v for name, r in results.items() for task, m in r.items() for k, v in m.items()}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_solver(cfg) -> None:
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        if cfg.SOLVER[key] < 1:
+            raise ValueError(f"SOLVER.{key} must be >= 1, got {cfg.SOLVER[key]}")
+    if cfg.SOLVER.BASE_LR <= 0:
+        raise ValueError(f"SOLVER.BASE_LR must be positive, got {cfg.SOLVER.BASE_LR}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate only at the end), got {cfg.TEST.EVAL_PERIOD}")
+    lr_factor(cfg, 0)  # scheduler name and warmup method
+
+
+def _to_device(images, targets, device):
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def _check_finite(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, iteration: int) -> None:
+    if torch.isfinite(total) and all(torch.isfinite(v) for v in loss_dict.values()):
+        return
+    terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
+    raise NonFiniteLossError(
+        f"Loss became infinite or NaN at iteration {iteration}: total={float(total.detach()):.6g} ({terms}). "
+        "Training stopped before the optimizer step; the last checkpoint is intact. "
+        "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
+    )
+
+
+def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int) -> Dict[str, float]:
+    """One SGD step; returns the loss values. Raises :class:`NonFiniteLossError` before stepping."""
+    loss_dict = model(images, targets)
+    total = sum(loss_dict.values())
+    _check_finite(loss_dict, total, iteration)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    clip_gradients(cfg, optimizer)
+    optimizer.step()
+    scheduler.step()
+    values = {"total_loss": float(total.detach())}
+    values.update({k: float(v.detach()) for k, v in loss_dict.items()})
+    return values
+
+
+def _next_batch(data_iter, iteration: int):
+    try:
+        return next(data_iter)
+    except Exception as e:
+        if hasattr(e, "add_note"):
+            e.add_note(f"(while loading the training batch of iteration {iteration})")
+        raise
+
+
+def _lr_of_largest_group(optimizer) -> float:
+    return max(optimizer.param_groups, key=lambda g: len(g["params"]))["lr"]
+
+
+def _progress_bar(start_iter: int, max_iter: int) -> tqdm:
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=max_iter, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
+        mininterval=0.5 if tty else 30.0, file=sys.stderr,
+    )  # fmt: skip
+
+
+def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, seed: int, records) -> None:
+    """Iterations ``start_iter .. MAX_ITER - 1``, with logging, checkpoints and periodic evaluation."""
+    max_iter, device = cfg.SOLVER.MAX_ITER, next(model.parameters()).device
+    writer = MetricsWriter(cfg.OUTPUT_DIR, max_iter)
+    writer.truncate_after(start_iter - 1)
+    loader = build_train_loader(cfg, seed, start_iter, records)
+    data_iter = iter(loader)
+    bar = _progress_bar(start_iter, max_iter)
+    model.train()
+    try:
+        for iteration in range(start_iter, max_iter):
+            start = time.perf_counter()
+            images, targets = _to_device(*_next_batch(data_iter, iteration), device)
+            data_time = time.perf_counter() - start
+            # Anything random in the step (e.g. the model's size sampling) depends on (seed, iteration) only.
+            torch.manual_seed(derive_seed(seed, 2, iteration))
+            lr = _lr_of_largest_group(optimizer)
+            values = run_step(cfg, model, optimizer, scheduler, images, targets, iteration)
+            values.update(lr=lr, time=time.perf_counter() - start, data_time=data_time)
+            writer.add(iteration, values)
+            bar.set_postfix_str(
+                " ".join(f"{k.replace('loss_', '')}={values[k]:.3f}" for k in values if "loss" in k) + f" lr={lr:.4g}",
+                refresh=False,
+            )
+            bar.update(1)
+            _after_step(cfg, model, checkpointer, writer, iteration, seed)
+    finally:
+        bar.close()
+        del data_iter  # shuts the workers down
+
+
+def _after_step(cfg, model, checkpointer, writer, iteration: int, seed: int) -> None:
+    next_iter, max_iter = iteration + 1, cfg.SOLVER.MAX_ITER
+    if next_iter == max_iter:
+        checkpointer.save("model_final", iteration, seed)
+    elif next_iter % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+        checkpointer.save(f"model_{iteration:07d}", iteration, seed)
+    period = cfg.TEST.EVAL_PERIOD
+    if period > 0 and next_iter % period == 0 and next_iter != max_iter and cfg.DATASETS.TEST:
+        results = evaluate_all(cfg, model)
+        writer.write({"iteration": iteration, **_flatten(results)})
+        model.train()
+
+
+def _check_test_datasets(cfg, class_names: List[str]) -> None:
+    """Fail on unknown test dataset names before training; warn when their classes differ."""
+    for name in cfg.DATASETS.TEST:
+        resolve_dataset(cfg, name, "DATASETS.TEST")
+        names = dataset_class_names(cfg, name)
+        if names is not None and names != class_names:
+            logger.warning("DATASETS.TEST %r has classes %s, the training data %s", name, names, class_names)
+
+
+def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, float]]]":
+    """Train as the config says, then evaluate on ``DATASETS.TEST``; returns those results.
+
+    ``resume``: continue from ``OUTPUT_DIR/last_checkpoint`` when there is
+    one; otherwise start at iteration 0 from ``MODEL.WEIGHTS`` (model weights
+    only), as Detectron2's ``resume_or_load``.
+    """
+    cfg = cfg.clone()
+    cfg.freeze()
+    check_cfg(cfg)  # the model's keys: fail before any data is read
+    _check_solver(cfg)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with log_to_file(cfg.OUTPUT_DIR):
+        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        logger.info("Full config saved to %s:\n%s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        records, class_names = load_train_records(cfg)
+        _check_test_datasets(cfg, class_names)
+
+        seed = resolve_seed(cfg)
+        seed_all(seed)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_lr_scheduler(cfg, optimizer)
+        checkpointer = Checkpointer(cfg.OUTPUT_DIR, model, optimizer, scheduler)
+        start_iter = 0
+        checkpoint = checkpointer.resume() if resume else None
+        if checkpoint is not None:
+            start_iter = int(checkpoint["iteration"]) + 1
+            seed = _resumed_seed(cfg, seed, int(checkpoint["seed"]))
+        elif cfg.MODEL.WEIGHTS:
+            load_weights(model, cfg.MODEL.WEIGHTS)
+        logger.info(
+            "Training %d images of %s, iterations %d..%d, seed %d",
+            len(records), ", ".join(cfg.DATASETS.TRAIN), start_iter, cfg.SOLVER.MAX_ITER - 1, seed,
+        )
+        do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter, seed, records)
+        results = evaluate_all(cfg, model)
+        if results:
+            MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER).write(
+                {"iteration": cfg.SOLVER.MAX_ITER - 1, **_flatten(results)}
+            )
+        return results
+
+
+def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:
+    if cfg.SEED < 0:
+        return checkpoint_seed
+    if seed != checkpoint_seed:
+        logger.warning(
+            "SEED is %d but the checkpoint was trained with seed %d: the resumed run will not match an "
+            "uninterrupted one", seed, checkpoint_seed,
+        )
+    return seed
+
+
+__all__ += ["Checkpointer", "MetricsWriter", "do_train", "format_metrics_table", "log_to_file", "run_step"]

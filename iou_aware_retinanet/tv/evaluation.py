@@ -1,0 +1,166 @@
+"""COCO bbox evaluation of the torchvision front-end (pycocotools), like Detectron2's ``COCOEvaluator``.
+
+    result = evaluate(cfg, model, "shapes_val")
+    result.metrics["AP50"], result.detections[0]["pred_iou"]
+
+Writes ``<output_dir>/coco_instances_results.json`` (COCO results: image_id,
+category_id, bbox XYWH, score = the fused score S, plus ``cls_score`` p and
+``pred_iou`` when the model has the IoU branch) and ``<output_dir>/metrics.json``
+(AP, AP50, AP75, APs, APm, APl x 100, and AP per category as ``AP-<name>``).
+``output_dir`` defaults to ``OUTPUT_DIR/inference/<dataset>``.
+"""
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from .data import build_test_loader
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BBOX_METRICS",
+    "EvaluationResult",
+    "coco_evaluate",
+    "detections_to_coco",
+    "evaluate",
+    "format_metrics_table",
+    "inference_on_dataset",
+]
+
+BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass
+class EvaluationResult:
+    dataset_name: str
+    metrics: Dict[str, float]  # BBOX_METRICS and "AP-<category>", x 100
+    detections: List[dict] = field(repr=False)  # COCO results, see the module doc
+    output_dir: Optional[str] = None
+
+
+def atomic_write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:
+    """One image's model output (XYXY boxes, contiguous labels) as COCO result dicts."""
+    boxes = output["boxes"].detach().cpu().to(torch.float64)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = output["scores"].tolist()
+    labels = output["labels"].tolist()
+    cls_scores = output["cls_scores"].tolist() if "cls_scores" in output else None
+    ious = output["pred_ious"].tolist() if "pred_ious" in output else None
+    results = []
+    for k in range(len(scores)):
+        result = {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[labels[k]]),
+            "bbox": [round(v, 4) for v in xywh[k]],
+            "score": float(scores[k]),
+        }
+        if cls_scores is not None:
+            result["cls_score"] = float(cls_scores[k])
+        if ious is not None:
+            result["pred_iou"] = float(ious[k])
+        results.append(result)
+    return results
+
+
+@torch.no_grad()
+def inference_on_dataset(model, loader, category_ids: Sequence[int]) -> List[dict]:
+    """COCO results of ``model`` (put in eval mode, restored after) on every batch of ``loader``."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    results, start, num_images = [], time.perf_counter(), 0
+    try:
+        for images, targets in loader:
+            outputs = model([image.to(device) for image in images])
+            for output, target in zip(outputs, targets):
+                results.extend(detections_to_coco(output, target["image_id"], category_ids))
+            num_images += len(images)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    logger.info("Inference on %d images: %.1f s (%.3f s / image)", num_images, elapsed, elapsed / max(num_images, 1))
+    return results
+
+
+def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """COCOeval bbox metrics (x 100) of ``results`` against ``coco_gt``; zeros and a warning without detections."""
+    class_names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.cats)]
+    if not results:
+        logger.warning("No detections at all: every AP is 0 (is the model trained? is the score threshold too high?)")
+        metrics = {name: 0.0 for name in BBOX_METRICS}
+        metrics.update({f"AP-{name}": 0.0 for name in class_names})
+        return metrics
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds keys to its input
+        coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+        if image_ids is not None:
+            coco_eval.params.imgIds = list(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    logger.info("COCOeval:\n%s", stdout.getvalue().rstrip())
+    metrics = {name: _percent(coco_eval.stats[i]) for i, name in enumerate(BBOX_METRICS)}
+    # precision: (iou thresholds, recall, category, area range, max dets)
+    precision = coco_eval.eval["precision"]
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        metrics[f"AP-{coco_gt.cats[cat_id]['name']}"] = _percent(float(np.mean(p)) if p.size else -1.0)
+    return metrics
+
+
+def _percent(value: float) -> float:
+    # COCOeval reports -1 when there is no ground truth (e.g. no small objects): NaN, as Detectron2.
+    return float(value) * 100 if value >= 0 else float("nan")
+
+
+def format_metrics_table(metrics: Dict[str, float], dataset_name: str = "") -> str:
+    """The AP table Detectron2's COCOEvaluator logs, plus per-category AP."""
+    def row(names):
+        cells = [f"{metrics[n]:.3f}" if not math.isnan(metrics[n]) else "nan" for n in names]
+        widths = [max(len(n), len(c)) for n, c in zip(names, cells)]
+        head = "| " + " | ".join(n.center(w) for n, w in zip(names, widths)) + " |"
+        rule = "|" + "|".join(":" + "-" * w + ":" for w in widths) + "|"
+        body = "| " + " | ".join(c.center(w) for c, w in zip(cells, widths)) + " |"
+        return "\n".join([head, rule, body])
+
+    title = f"Evaluation results for bbox{f' on {dataset_name}' if dataset_name else ''}:"
+    per_category = [n for n in metrics if n.startswith("AP-")]
+    text = f"{title}\n{row(BBOX_METRICS)}"
+    if per_category:
+        text += f"\nPer-category bbox AP:\n{row(per_category)}"
+    return text
+
+
+def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None, batch_size: int = 1) -> EvaluationResult:
+    """Run ``model`` on ``dataset_name``, write the results and metrics json files, log the AP table."""
+    if output_dir is None:
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    loader = build_test_loader(cfg, dataset_name, batch_size=batch_size)
+    data = loader.data
+    logger.info("Evaluating %s (%d images)", dataset_name, len(data))
+    detections = inference_on_dataset(model, loader, data.category_ids)
+    atomic_write_json(os.path.join(output_dir, "coco_instances_results.json"), detections)
+    metrics = coco_evaluate(data.coco, detections, [r.image_id for r in data.records])
+    atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    logger.info("%s", format_metrics_table(metrics, dataset_name))
+    return EvaluationResult(dataset_name, metrics, detections, output_dir)

@@ -1,0 +1,155 @@
+"""Score fusion and post-processing: hand cases showing that the fused score S,
+not p, drives top-k, thresholding, NMS and ranking; non-finite inputs."""
+import math
+
+import pytest
+import torch
+
+from iou_aware_retinanet.core import BoxCoder, InferenceConfig, fuse_scores, postprocess_image
+
+
+# --------------------------------------------------------------- fuse_scores
+def test_fuse_scores_hand_values():
+    """p = 0.64, IoU = 0.25: alpha 0.5 -> 0.8 * 0.5 = 0.4; alpha 0.75 ->
+    0.64^0.75 * 0.25^0.25 = 0.7155 * 0.7071 = 0.5060; None -> p * IoU = 0.16."""
+    p, iou = torch.tensor([[0.64]]), torch.tensor([[0.25]])
+    assert float(fuse_scores(p, iou, 0.5)) == pytest.approx(0.4, rel=1e-6)
+    assert float(fuse_scores(p, iou, 0.75)) == pytest.approx(0.64**0.75 * 0.25**0.25, rel=1e-6)
+    assert float(fuse_scores(p, iou, None)) == pytest.approx(0.16, rel=1e-6)
+
+
+def test_fuse_scores_extremes_and_broadcast():
+    p = torch.tensor([[0.9, 0.2, 0.0], [0.5, 0.4, 1.0]])
+    iou = torch.tensor([[0.3], [0.7]])  # class-agnostic, broadcast over classes
+    assert fuse_scores(p, iou, 1.0) is p  # plain RetinaNet scoring, untouched
+    assert fuse_scores(p, None, 0.5) is p
+    torch.testing.assert_close(fuse_scores(p, iou, 0.0), iou.expand_as(p))
+    torch.testing.assert_close(fuse_scores(p, iou, None), p * iou)
+    torch.testing.assert_close(fuse_scores(p, iou, 0.5), (p * iou).sqrt())
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
+def test_fuse_scores_rejects_alpha_outside_unit_interval(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        fuse_scores(torch.tensor([[0.5]]), torch.tensor([[0.5]]), alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        InferenceConfig(alpha=alpha)
+
+
+def test_inference_config_rejects_unknown_threshold_mode():
+    with pytest.raises(ValueError, match="fused"):
+        InferenceConfig(threshold_on="iou")
+
+
+# ------------------------------------------------------------- postprocess
+def boxes_in_a_row(n, size=10.0, gap=20.0):
+    """n non-overlapping size x size anchors."""
+    return torch.tensor([[i * gap, 0.0, i * gap + size, size] for i in range(n)])
+
+
+def detect(probs, ious, anchors, deltas=None, **config):
+    """One image, one level unless lists are given."""
+    if not isinstance(probs, list):
+        probs, ious, anchors = [probs], [ious] if ious is not None else None, [anchors]
+        deltas = [deltas] if deltas is not None else None
+    if deltas is None:
+        deltas = [torch.zeros(len(a), 4) for a in anchors]
+    return postprocess_image(probs, deltas, ious, anchors, BoxCoder(), (1000, 1000), InferenceConfig(**config))
+
+
+def test_threshold_on_fused_vs_cls_keeps_different_sets():
+    """Anchor 0: p 0.9, IoU 0.01 -> S = sqrt(0.009) = 0.095. Anchor 1: p 0.04,
+    IoU 0.9 -> S = sqrt(0.036) = 0.190. Threshold 0.1: on S only anchor 1
+    passes, on p only anchor 0 (then reported with its S)."""
+    probs, ious = torch.tensor([[0.9], [0.04]]), torch.tensor([0.01, 0.9])
+    fused = detect(probs, ious, boxes_in_a_row(2), score_thresh=0.1, threshold_on="fused")
+    assert fused.boxes.tolist() == [[20.0, 0.0, 30.0, 10.0]]
+    assert fused.scores.tolist() == pytest.approx([math.sqrt(0.036)])
+    cls = detect(probs, ious, boxes_in_a_row(2), score_thresh=0.1, threshold_on="cls")
+    assert cls.boxes.tolist() == [[0.0, 0.0, 10.0, 10.0]]
+    assert cls.scores.tolist() == pytest.approx([math.sqrt(0.009)])
+    assert cls.cls_scores.tolist() == pytest.approx([0.9])
+    assert cls.ious.tolist() == pytest.approx([0.01])
+
+
+def test_per_level_topk_ranks_by_fused_score():
+    """Level 0: p 0.9..0.5 with IoU 0.1, 0.2, 0.9, 0.9, 0.05 -> S 0.30, 0.40,
+    0.79, 0.73, 0.16: top-2 are anchors 2, 3, although p ranks 0, 1 first.
+    Level 1: S 0.97, 0.55, 0.45 -> anchors 0, 1 (0.55 beats level 0's dropped 0.40:
+    the limit is per level)."""
+    probs = [torch.tensor([[0.9], [0.8], [0.7], [0.6], [0.5]]), torch.tensor([[0.95], [0.3], [0.2]])]
+    ious = [torch.tensor([0.1, 0.2, 0.9, 0.9, 0.05]), torch.tensor([1.0, 1.0, 1.0])]
+    anchors = [boxes_in_a_row(5), boxes_in_a_row(3) + torch.tensor([0.0, 100, 0, 100])]
+    out = detect(probs, ious, anchors, topk_candidates=2, score_thresh=0.05)
+    expected = [anchors[1][0], anchors[0][2], anchors[0][3], anchors[1][1]]
+    assert out.boxes.tolist() == torch.stack(expected).tolist()
+    torch.testing.assert_close(out.scores, torch.tensor([0.95, 0.63, 0.54, 0.3]).sqrt())
+
+
+def test_nms_keeps_the_box_with_the_higher_fused_score():
+    """A [0,0,10,10] and B [1,0,11,10] overlap (IoU 0.82), same class. p ranks A
+    first (0.9 vs 0.6), S ranks B first (sqrt(0.09) = 0.3 vs sqrt(0.54) = 0.73):
+    B survives. Scored by p alone (alpha 1), A survives."""
+    anchors = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10]])
+    probs, ious = torch.tensor([[0.9], [0.6]]), torch.tensor([0.1, 0.9])
+    out = detect(probs, ious, anchors, alpha=0.5)
+    assert out.boxes.tolist() == [[1.0, 0.0, 11.0, 10.0]]
+    assert out.scores.tolist() == pytest.approx([math.sqrt(0.54)])
+    out = detect(probs, ious, anchors, alpha=1.0)
+    assert out.boxes.tolist() == [[0.0, 0.0, 10.0, 10.0]]
+
+
+def test_nms_is_per_class():
+    anchors = torch.tensor([[0.0, 0, 10, 10], [1, 0, 11, 10]])
+    probs = torch.tensor([[0.9, 0.0], [0.0, 0.6]])
+    out = detect(probs, torch.tensor([0.5, 0.5]), anchors)
+    assert sorted(out.classes.tolist()) == [0, 1]
+
+
+def test_max_detections_keeps_the_best_ranked():
+    probs = torch.linspace(0.2, 0.9, 8)[:, None]
+    out = detect(probs, torch.ones(8), boxes_in_a_row(8), max_detections=3)
+    assert len(out) == 3
+    torch.testing.assert_close(out.scores, probs[[7, 6, 5], 0].sqrt())
+
+
+def test_without_iou_branch_scores_are_p():
+    probs = torch.tensor([[0.3], [0.7]])
+    out = detect(probs, None, boxes_in_a_row(2))
+    assert out.ious is None
+    assert out.scores.tolist() == pytest.approx([0.7, 0.3])
+
+
+def test_deltas_are_decoded():
+    deltas = torch.tensor([[0.1, -0.2, math.log(2.0), 0.0]])
+    out = detect(torch.tensor([[0.9]]), torch.tensor([0.9]), torch.tensor([[0.0, 0, 10, 10]]), deltas)
+    # centre (5 + 1, 5 - 2), width 20, height 10
+    assert out.boxes.tolist() == [pytest.approx([-4.0, -2.0, 16.0, 8.0], abs=1e-5)]
+
+
+@pytest.mark.parametrize("threshold_on", ["fused", "cls"])
+def test_non_finite_inputs_are_dropped_without_crashing(threshold_on):
+    """Anchor 0 normal; 1 has +-inf logits (p = 1 and 0: fine); 2 NaN logits;
+    3 an inf delta; 4 a NaN delta; 5 a huge (clamped) size delta, class 1;
+    6 a NaN predicted IoU; 7 an inf predicted IoU. Kept: 0, 1, 5 (each for its
+    one likely class: S of the other class is about sqrt(4.5e-5) < 0.05)."""
+    logits = torch.tensor([[10.0, -10], [math.inf, -math.inf], [math.nan, math.nan], [10, -10],
+                           [10, -10], [-10, 10], [10, -10], [10, -10]])
+    deltas = torch.zeros(8, 4)
+    deltas[3, 0] = math.inf
+    deltas[4, 1] = math.nan
+    deltas[5, 2:] = 100.0
+    ious = torch.full((8,), 0.8)
+    ious[6], ious[7] = math.nan, math.inf
+    anchors = boxes_in_a_row(8)
+    out = detect(logits.sigmoid(), ious, anchors, deltas, threshold_on=threshold_on)
+    assert sorted(out.boxes[:, 0].tolist()) == [pytest.approx(100 + 5 - 5 * 1000 / 16), 0.0, 20.0]
+    for values in (out.boxes, out.scores, out.cls_scores, out.ious):
+        assert bool(torch.isfinite(values).all())
+
+
+def test_clip_to_image():
+    deltas = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    out = detect(torch.tensor([[0.9]]), torch.tensor([0.9]), torch.tensor([[990.0, 990, 1000, 1000]]), deltas,
+                 clip_to_image=True)
+    assert float(out.boxes.max()) <= 1000.0 and float(out.boxes.min()) >= 0.0
