@@ -25,8 +25,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
-        "analysis": ["matplotlib", "scipy"],
+        # matplotlib: the accuracy study's correlation plot, which a test draws.
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib"],
+        "analysis": ["matplotlib"],
     },
     entry_points={
         "console_scripts": ["iou-aware-retinanet=iou_aware_retinanet.tv.cli:main"],

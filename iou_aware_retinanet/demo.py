@@ -1,6 +1,6 @@
 """Run a trained IoU-aware RetinaNet (Detectron2) on images and draw the detections.
 
-    python -m iou_aware_retinanet.demo --config-file configs/Shapes/iou_aware_retinanet_tiny.yaml \
+    python -m iou_aware_retinanet.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
         --input img1.png img2.png --output out_dir/ --opts MODEL.WEIGHTS output/model_final.pth
 
 Each box is labelled with its class, its fused score S and its predicted IoU.

@@ -26,6 +26,7 @@ Differences from torchvision, on purpose:
   calls the plain-Python core).
 """
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -145,6 +146,21 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
         return out
 
 
+@dataclass
+class DenseOutputs:
+    """What inference starts from, before any thresholding: per FPN level, the raw
+    head outputs (``{"cls_logits": [(N, A_l, K)], "bbox_regression": [(N, A_l, 4)],
+    "iou_logits": [(N, A_l)]}``) and anchors (``[image][level] (A_l, 4)``), in the
+    coordinates of the resized images (``image_sizes``); ``original_image_sizes``
+    maps them back (``model.transform.postprocess``). Analysis code (the evidence
+    study) rescoring the same forward pass many ways starts here."""
+
+    head_outputs: Dict[str, List[Tensor]]
+    anchors: List[List[Tensor]]
+    image_sizes: List[Tuple[int, int]]
+    original_image_sizes: List[Tuple[int, int]]
+
+
 class IoUAwareRetinaNet(RetinaNet):
     """RetinaNet + IoU prediction branch + pluggable label assignment.
 
@@ -209,6 +225,8 @@ class IoUAwareRetinaNet(RetinaNet):
         self.loss_config = loss_config or LossConfig()
         self.inference_config = inference_config
         self.box_coder = box_coder or BoxCoder()
+        # Eval mode returns DenseOutputs instead of detections (analysis only).
+        self.return_dense_outputs = False
 
     @property
     def iou_aware(self) -> bool:
@@ -240,10 +258,16 @@ class IoUAwareRetinaNet(RetinaNet):
         if self.training:
             return self.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
 
-        split_outputs = {k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(a.split(num_anchors_per_level)) for a in anchors]
-        detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
-        return self.transform.postprocess(detections, images.image_sizes, original_image_sizes)
+        dense = DenseOutputs(
+            head_outputs={k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()},
+            anchors=[list(a.split(num_anchors_per_level)) for a in anchors],
+            image_sizes=list(images.image_sizes),
+            original_image_sizes=original_image_sizes,
+        )
+        if self.return_dense_outputs:
+            return dense
+        detections = self.postprocess_detections(dense.head_outputs, dense.anchors, dense.image_sizes)
+        return self.transform.postprocess(detections, dense.image_sizes, dense.original_image_sizes)
 
     # ----------------------------------------------------------------- training
     def compute_loss(

@@ -1,0 +1,118 @@
+"""The accuracy study: its statistics by hand, its rescoring on a hand-made image, and a tiny end-to-end run."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from iou_aware_retinanet.core import BoxCoder, InferenceConfig
+from iou_aware_retinanet.studies import accuracy
+
+
+def test_rank_averages_ties():
+    assert accuracy.rank(np.array([10.0, 30.0, 20.0, 30.0])).tolist() == [1.0, 3.5, 2.0, 3.5]
+
+
+def test_spearman_and_pearson_by_hand():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert accuracy.spearman(x, x ** 3) == pytest.approx(1.0)  # monotone: rank correlation 1
+    assert accuracy.pearson(x, x ** 3) < 0.99  # ... but not linear
+    assert accuracy.spearman(x, -x) == pytest.approx(-1.0)
+    # x = [1, 2, 3], y = [1, 3, 2]: ranks equal values; r = 0.5 by hand.
+    assert accuracy.pearson(np.array([1.0, 2, 3]), np.array([1.0, 3, 2])) == pytest.approx(0.5)
+    assert math.isnan(accuracy.pearson(x, np.ones(4)))  # constant: undefined, not a crash
+
+
+class _Model:
+    box_coder = BoxCoder()
+    inference_config = InferenceConfig(alpha=0.5, score_thresh=0.0, nms_thresh=0.5)
+
+
+def _image(pred_ious):
+    """One level, two anchors on one object: anchor 0 is exact, anchor 1 is shifted
+    by 5 px (IoU 1/3 with the GT); both boxes are taken as is (zero deltas)."""
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]])
+    return accuracy.ImageOutputs(
+        image_id=1,
+        cls_probs=[torch.tensor([[0.5], [0.9]])],
+        box_deltas=[torch.zeros(2, 4)],
+        ious=[torch.tensor(pred_ious)],
+        anchors=[anchors],
+        image_size=(20, 20),
+        original_size=(40, 40),  # the network saw the image at half size
+        gt_boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0]]),
+        gt_classes=torch.tensor([0]),
+    )
+
+
+def test_truth_ious_measure_decoded_boxes_against_the_resized_gt():
+    ious = accuracy.truth_ious(_image([0.5, 0.5]), BoxCoder())
+    assert ious[0].tolist() == pytest.approx([1.0, 1.0 / 3.0])
+
+
+def test_upper_bound_rescoring_keeps_the_well_placed_box():
+    item, model = _image([0.2, 0.9]), _Model()  # the branch wrongly prefers the shifted box
+    predicted = accuracy.detect(item, model, alpha=0.5)
+    truth = accuracy.detect(item, model, alpha=0.5, iou_source="truth")
+    # Overlap of the two boxes is 1/3 < NMS 0.5: both survive, ranked by S.
+    assert predicted["scores"].tolist() == pytest.approx([math.sqrt(0.9 * 0.9), math.sqrt(0.5 * 0.2)])
+    assert truth["scores"].tolist() == pytest.approx([math.sqrt(0.5 * 1.0), math.sqrt(0.9 / 3.0)])
+    # Boxes come back in original coordinates (x2).
+    assert truth["boxes"][0].tolist() == pytest.approx([0.0, 0.0, 20.0, 20.0])
+    # IoU_eval of each detection against the same-class GT, original coordinates.
+    assert accuracy.iou_eval(truth, item).tolist() == pytest.approx([1.0, 1.0 / 3.0])
+
+
+def test_iou_eval_ignores_other_classes():
+    item = _image([0.5, 0.5])
+    det = accuracy.detect(item, _Model(), alpha=1.0)
+    det["labels"] = torch.tensor([1, 1])
+    assert accuracy.iou_eval(det, item).tolist() == [0.0, 0.0]
+
+
+def test_results_table_reports_mean_std_and_deltas():
+    rows = {
+        "retinanet": {"model": "retinanet", "scoring": "p", "per_seed": [
+            {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
+            {"AP": 12.0, "AP50": 20.0, "AP75": 7.0, "APs": 1.0, "APm": 2.0, "APl": float("nan")},
+        ]},
+        "iou_aware/0.5": {"model": "iou_aware", "scoring": "S", "per_seed": [
+            {"AP": 14.0, "AP50": 20.0, "AP75": 9.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
+            {"AP": 16.0, "AP50": 20.0, "AP75": 11.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
+        ]},
+    }  # fmt: skip
+    lines = accuracy.results_table(rows, "retinanet").splitlines()
+    assert lines[2].split(" | ")[3:5] == ["11.00 ± 1.41", "20.00 ± 0.00"]
+    assert lines[2].split(" | ")[8] == "3.00"  # the NaN seed is left out of the mean
+    assert lines[3].rstrip(" |").split(" | ")[-2:] == ["+4.00", "+4.00"]
+
+
+def test_tiny_study_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the correlation plot needs matplotlib (the 'analysis' extra)")
+    monkeypatch.setenv("IOU_AWARE_RETINANET_DATASETS", str(tmp_path / "datasets"))
+    out = tmp_path / "study"
+    summary = accuracy.main(
+        ["--configs", "retinanet", "iou_aware", "--seeds", "0", "1", "--iters", "10", "--output-dir", str(out),
+         "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_val',)",
+         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
+    )  # fmt: skip
+    rows = summary["rows"]
+    expected = ["retinanet"] + [f"iou_aware/{a}" for a in accuracy.ALPHAS] + ["iou_aware/truth"]
+    assert list(rows) == expected
+    assert all(len(row["per_seed"]) == 2 for row in rows.values())
+    # alpha = 1 on the IoU-aware model is its plain p ranking; both are scored from the same outputs.
+    for metrics in rows["iou_aware/1.0"]["per_seed"] + rows["iou_aware/truth"]["per_seed"]:
+        assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert [c["label"].split(":")[0] for c in summary["correlation"]] == [
+        "baseline RetinaNet", "IoU-aware, p alone", "IoU-aware", "IoU-aware"
+    ]  # fmt: skip
+    assert (out / "correlation.png").stat().st_size > 0
+    results_section = (out / "accuracy.md").read_text().split("Correlation")[0]
+    assert results_section.count("| iou_aware") == len(accuracy.ALPHAS) + 1
+    assert json.loads((out / "accuracy.json").read_text())["seeds"] == [0, 1]
+    # A rerun reuses the trained models instead of training again.
+    mtime = (out / "runs" / "iou_aware" / "seed0" / "model_final.pth").stat().st_mtime
+    accuracy.main(["--configs", "iou_aware", "--seeds", "0", "--iters", "10", "--output-dir", str(out),
+                   "DATASETS.TEST", "('shapes_mini_val',)"])  # fmt: skip
+    assert (out / "runs" / "iou_aware" / "seed0" / "model_final.pth").stat().st_mtime == mtime
