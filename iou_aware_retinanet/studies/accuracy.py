@@ -3,7 +3,7 @@
     python -m iou_aware_retinanet.studies.accuracy            # full: 8 trained configs x 3 seeds
     python -m iou_aware_retinanet.studies.accuracy --quick    # baseline vs IoU-aware, 1 seed
     python -m iou_aware_retinanet.studies.accuracy [--seeds 0 1 2] [--iters 900] \\
-        [--configs retinanet iou_aware ...] [--output-dir output/study] [KEY VALUE ...]
+        [--configs retinanet iou_aware ...] [--threads N] [--output-dir output/study/accuracy] [KEY VALUE ...]
 
 On the torchvision front-end (no Detectron2 needed), from the Shapes configs
 of ``configs/Shapes`` with a shortened schedule (``--iters``; the learning
@@ -54,7 +54,7 @@ from ..tv.data import build_test_loader
 from ..tv.engine import load_model, train
 from ..tv.evaluation import BBOX_METRICS, coco_evaluate, detections_to_coco
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("iou_aware_retinanet.studies.accuracy")  # not __main__ under -m
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "Shapes"
 # name -> config file in configs/Shapes. Every one but "retinanet" has the IoU branch.
@@ -406,7 +406,7 @@ def correlation_panels(name: str, items, model, max_samples: int) -> List[dict]:
         specs = [
             ("IoU-aware, p alone", 1.0, "predicted", False),
             (f"IoU-aware: S (predicted IoU, alpha {alpha_name(alpha)})", alpha, "predicted", True),
-            (f"IoU-aware: S with IoU_truth (upper bound)", alpha, "truth", True),
+            ("IoU-aware: S with IoU_truth (upper bound)", alpha, "truth", True),
         ]
     panels = []
     for label, a, source, plot in specs:
@@ -427,6 +427,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {', '.join(TRAINED)}")
     parser.add_argument("--iters", type=int, default=900, help="training iterations per model (default 900: the full study in < 2 h)")
     parser.add_argument("--max-samples", type=int, default=10000, help="detections per correlation panel")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="output/study/accuracy")
     parser.add_argument("--config-dir", default=str(CONFIG_DIR), help="folder of the Shapes configs")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="overrides for every config")
@@ -440,6 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if len(args.opts) % 2:
         raise ValueError(f"config overrides come in KEY VALUE pairs, got {args.opts}")
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_grad_enabled(True)
     return run_study(args)
 

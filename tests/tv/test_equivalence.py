@@ -9,8 +9,10 @@ same backbone and anchor generator, with this model's weights copied in.
 import pytest
 import torch
 from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.retinanet import RetinaNetHead
 
 from iou_aware_retinanet.tv import build_model
+from iou_aware_retinanet.tv.model import build_torchvision_retinanet
 
 from .helpers import random_inputs, scramble_head, tiny_cfg
 
@@ -30,25 +32,8 @@ EQUIVALENCE_OPTS = [
 
 def _torchvision_twin(model, cfg):
     """torchvision's RetinaNet with the same backbone / anchors / sizes and ``model``'s weights."""
-    from iou_aware_retinanet.tv.anchors import build_anchor_generator
-    from iou_aware_retinanet.tv.backbone import build_backbone
-
-    backbone = build_backbone(cfg)
-    reference = RetinaNet(
-        backbone,
-        num_classes=cfg.MODEL.RETINANET.NUM_CLASSES,
-        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
-        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-        image_mean=[m / 255.0 for m in cfg.MODEL.PIXEL_MEAN],
-        image_std=[s / 255.0 for s in cfg.MODEL.PIXEL_STD],
-        anchor_generator=build_anchor_generator(cfg, list(backbone.out_feature_strides.values())),
-        score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
-        nms_thresh=cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-        detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
-        fg_iou_thresh=cfg.MODEL.RETINANET.IOU_THRESHOLDS[1],
-        bg_iou_thresh=cfg.MODEL.RETINANET.IOU_THRESHOLDS[0],
-        topk_candidates=cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-    )
+    reference = build_torchvision_retinanet(cfg)
+    assert type(reference) is RetinaNet and type(reference.head) is RetinaNetHead  # the stock classes
     # strict: the project adds no parameter or buffer when the IoU branch is off
     reference.load_state_dict(model.state_dict(), strict=True)
     return reference
