@@ -345,6 +345,13 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return image, target
 
 
+def hflip(image: torch.Tensor, target: Target) -> Tuple[torch.Tensor, Target]:
+    """An image (C, H, W) and its target mirrored left-right together (the target is copied)."""
+    target = dict(target)
+    target["boxes"] = hflip_boxes(target["boxes"], image.shape[-1])
+    return image.flip(-1), target
+
+
 def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """XYXY boxes of an image of ``width`` pixels, mirrored left-right: x -> width - x."""
     flipped = boxes.clone()
@@ -368,9 +375,7 @@ class RandomHorizontalFlip:
     def __call__(self, image: torch.Tensor, target: Target) -> Tuple[torch.Tensor, Target]:
         if float(torch.rand(())) >= self.prob:  # rand is in [0, 1): prob 1 always flips
             return image, target
-        target = dict(target)
-        target["boxes"] = hflip_boxes(target["boxes"], image.shape[-1])
-        return image.flip(-1), target
+        return hflip(image, target)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prob={self.prob})"

@@ -37,7 +37,7 @@ from ..data.coco import (
     CocoDetectionDataset,
     CocoRecord,
     collate_detection,
-    hflip_boxes,
+    hflip,
     load_coco_detection,
     read_image_rgb,
 )
@@ -235,9 +235,7 @@ class SeededHorizontalFlip:
     def __call__(self, image: torch.Tensor, target: dict, epoch: int, index: int):
         if not self.flips(epoch, index):
             return image, target
-        target = dict(target)
-        target["boxes"] = hflip_boxes(target["boxes"], image.shape[-1])
-        return image.flip(-1), target
+        return hflip(image, target)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(seed={self.seed}, prob={self.prob})"

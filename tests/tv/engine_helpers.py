@@ -50,11 +50,14 @@ def tiny_cfg(output_dir, max_iter=6, **overrides):
     return setup_cfg(SHAPES_CONFIG, tiny_opts(output_dir, max_iter, **overrides)).clone()
 
 
-def datasets_env(tmp_path_factory):
-    """A context setting $IOU_AWARE_RETINANET_DATASETS to a fresh folder (for module fixtures)."""
+@pytest.fixture(scope="module", autouse=True)
+def fresh_datasets_root(tmp_path_factory):
+    """$IOU_AWARE_RETINANET_DATASETS set to a fresh folder for the whole module
+    (autouse in every test module that imports it)."""
     mp = pytest.MonkeyPatch()
     mp.setenv(DATASETS_ENV, str(tmp_path_factory.mktemp("datasets")))
-    return mp
+    yield
+    mp.undo()
 
 
 def write_coco(root, num_images=4, with_annotations=True, size=(64, 80)):

@@ -10,15 +10,8 @@ from pycocotools.coco import COCO
 
 from iou_aware_retinanet.tv.cli import main
 
-from .engine_helpers import SHAPES_CONFIG, datasets_env, tiny_opts
+from .engine_helpers import SHAPES_CONFIG, fresh_datasets_root, tiny_opts  # noqa: F401 (autouse fixture)
 from .helpers import REPO
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _datasets_root(tmp_path_factory):
-    mp = datasets_env(tmp_path_factory)
-    yield
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from iou_aware_retinanet.tv.data import (
 from iou_aware_retinanet.tv.evaluation import BBOX_METRICS, coco_evaluate, evaluate
 from iou_aware_retinanet.tv.model import IoUAwareRetinaNet
 
-from .engine_helpers import datasets_env, tiny_cfg, write_coco
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _datasets_root(tmp_path_factory):
-    mp = datasets_env(tmp_path_factory)
-    yield
-    mp.undo()
+from .engine_helpers import fresh_datasets_root, tiny_cfg, write_coco  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
