@@ -22,6 +22,8 @@ from .assigners import Assignment
 from .boxes import aligned_box_iou
 
 BOX_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
+# Key of dense_detection_losses' per-image entropy of the IoU targets (a statistic, not a loss).
+IOU_TARGET_ENTROPY = "iou_target_entropy"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ def dense_detection_losses(
     cls_logits (N, A, K), box_deltas (N, A, 4), iou_logits (N, A) or None,
     anchors (A, 4) shared by the batch, one Assignment and one (G_i, 4) GT box
     tensor per image. Returns {"loss_cls", "loss_box_reg"[, "loss_iou"]} as
-    (N,) tensors, plus "num_foreground" (N,).
+    (N,) tensors, plus "num_foreground" (N,) and, with the IoU branch,
+    ``IOU_TARGET_ENTROPY`` (N,): the floor of loss_iou (no gradient, not a loss).
     """
     num_images = cls_logits.shape[0]
     labels = torch.stack([a.labels for a in assignments])
@@ -188,6 +191,12 @@ def dense_detection_losses(
             iou_logits[img_idx, anchor_idx], fg_boxes, matched_boxes, config.iou_target_gradient
         )
         losses["loss_iou"] = config.iou_loss_weight * _sum_per_image(iou_loss, img_idx, num_images)
+        # The BCE cannot go below the entropy of its (soft) targets, so loss_iou
+        # barely moves even when the branch learns; loss_iou - this floor shows progress.
+        with torch.no_grad():
+            target = aligned_box_iou(fg_boxes, matched_boxes).clamp(0.0, 1.0)
+            entropy = F.binary_cross_entropy(target, target, reduction="none")
+        losses[IOU_TARGET_ENTROPY] = config.iou_loss_weight * _sum_per_image(entropy, img_idx, num_images)
 
     losses["num_foreground"] = torch.bincount(img_idx, minlength=num_images)
     return losses

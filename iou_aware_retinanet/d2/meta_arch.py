@@ -31,6 +31,7 @@ from ..core import (
     dense_detection_losses,
     postprocess_image,
 )
+from ..core.losses import IOU_TARGET_ENTROPY
 
 __all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead"]
 
@@ -202,7 +203,11 @@ class IoUAwareRetinaNet(RetinaNet):
         num_pos_anchors = per_image.pop("num_foreground").sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / len(assignments))
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
-        return {name: loss.sum() / normalizer for name, loss in per_image.items()}
+        entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
+        losses = {name: loss.sum() / normalizer for name, loss in per_image.items()}
+        if entropy is not None:  # loss_iou's floor: see core.losses
+            get_event_storage().put_scalar("loss_iou_minus_entropy", float(losses["loss_iou"] - entropy.sum() / normalizer))
+        return losses
 
     # ----------------------------------------------------------------- inference
     def forward_inference(self, images: ImageList, features: List[Tensor], predictions):

@@ -5,14 +5,22 @@ generated on first use under ``$IOU_AWARE_RETINANET_DATASETS`` (default
 ``./datasets``, relative to the working directory, like Detectron2's
 ``DETECTRON2_DATASETS``):
 
-=====================  ======  ====  ===================================================
-name                   images  seed  files
-=====================  ======  ====  ===================================================
-``shapes_train``       1000    0     shapes/train/, shapes/annotations/instances_train.json
-``shapes_val``         200     1     shapes/val/, shapes/annotations/instances_val.json
-``shapes_mini_train``  16      2     shapes/mini_train/, .../instances_mini_train.json
-``shapes_mini_val``    16      3     shapes/mini_val/, .../instances_mini_val.json
-=====================  ======  ====  ===================================================
+=======================  ======  ====  ==========  ===============================================
+name                     images  seed  difficulty  files
+=======================  ======  ====  ==========  ===============================================
+``shapes_train``         2000    0     standard    shapes/train/, shapes/annotations/instances_train.json
+``shapes_val``           300     1     standard    shapes/val/, shapes/annotations/instances_val.json
+``shapes_mini_train``    16      2     standard    shapes/mini_train/, .../instances_mini_train.json
+``shapes_mini_val``      16      3     standard    shapes/mini_val/, .../instances_mini_val.json
+``shapes_hard_train``    1000    0     hard        shapes_hard/train/, .../instances_train.json
+``shapes_hard_val``      200     1     hard        shapes_hard/val/, .../instances_val.json
+=======================  ======  ====  ==========  ===============================================
+
+The difficulties are :data:`~iou_aware_retinanet.data.synthetic.SHAPES_PRESETS`:
+"standard" (128 px, objects from 16 px, no distractors, at least 75 % of
+every object visible) is what a small model learns from scratch on a CPU in
+minutes; "hard" is generator 1.0's data (256 px, objects from 8 px, heavy
+clutter including outlines of the shapes, 50 % occlusion).
 
 Detectron2's COCO names, resolved the way Detectron2 does (under
 ``$DETECTRON2_DATASETS``, default ``./datasets``) so that the torchvision
@@ -35,7 +43,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .synthetic import ShapesSpec, dataset_paths, generate_shapes_dataset
+from .synthetic import SHAPES_PRESETS, ShapesSpec, dataset_paths, generate_shapes_dataset
 
 DATASETS_ENV = "IOU_AWARE_RETINANET_DATASETS"
 DETECTRON2_DATASETS_ENV = "DETECTRON2_DATASETS"
@@ -52,12 +60,19 @@ class ShapesSplit:
     name: str = "shapes"  # folder under the datasets root
 
 
+_STANDARD = SHAPES_PRESETS["standard"]
+_HARD = SHAPES_PRESETS["hard"]
+
 BUILTIN_SHAPES: Dict[str, ShapesSplit] = {
-    "shapes_train": ShapesSplit("train", 1000, seed=0),
-    "shapes_val": ShapesSplit("val", 200, seed=1),
+    # The default: learnable from scratch on a CPU in minutes (128 px).
+    "shapes_train": ShapesSplit("train", 2000, seed=0, spec=_STANDARD),
+    "shapes_val": ShapesSplit("val", 300, seed=1, spec=_STANDARD),
     # For tests and smoke runs: a few seconds to generate and train on.
-    "shapes_mini_train": ShapesSplit("mini_train", 16, seed=2),
-    "shapes_mini_val": ShapesSplit("mini_val", 16, seed=3),
+    "shapes_mini_train": ShapesSplit("mini_train", 16, seed=2, spec=_STANDARD),
+    "shapes_mini_val": ShapesSplit("mini_val", 16, seed=3, spec=_STANDARD),
+    # Generator 1.0's data (256 px, 8 px objects, heavy clutter and occlusion).
+    "shapes_hard_train": ShapesSplit("train", 1000, seed=0, spec=_HARD, name="shapes_hard"),
+    "shapes_hard_val": ShapesSplit("val", 200, seed=1, spec=_HARD, name="shapes_hard"),
 }
 
 # name -> (image folder, json file), relative to $DETECTRON2_DATASETS: Detectron2's layout.

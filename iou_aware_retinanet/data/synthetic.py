@@ -146,6 +146,33 @@ class ShapesSpec:
         return self.image_size[1]
 
 
+# Named difficulties (see the module docstring). The field defaults of
+# ShapesSpec are the "hard" variant, the dataset of generator 1.0.
+SHAPES_PRESETS: Dict[str, ShapesSpec] = {
+    # Learnable by a small model from scratch in minutes, yet boxes are not
+    # trivially placed: soft and blurred edges, tilted rectangles, amodal boxes
+    # of partly hidden objects, textures, a few distractors.
+    "standard": ShapesSpec(
+        image_size=(128, 128),
+        max_objects=6,
+        min_object_size=16.0,
+        min_clutter=0,
+        max_clutter=0,
+        min_visible_fraction=0.75,
+        min_contrast=60.0,
+    ),
+    # Generator 1.0's data: 8 px objects, heavy clutter, 50 % occlusion.
+    "hard": ShapesSpec(),
+}
+
+
+def shapes_preset(name: str) -> ShapesSpec:
+    """The :class:`ShapesSpec` of a named difficulty (``SHAPES_PRESETS``)."""
+    if name not in SHAPES_PRESETS:
+        raise ValueError(f"unknown shapes difficulty {name!r}; known: {', '.join(SHAPES_PRESETS)}")
+    return SHAPES_PRESETS[name]
+
+
 @dataclass(frozen=True)
 class ShapeObject:
     """One annotated object of a generated image."""
@@ -739,6 +766,11 @@ def generate_shapes_dataset(
 # --------------------------------------------------------------------------- command line
 
 
+def _spec_from_args(args) -> ShapesSpec:
+    spec = shapes_preset(args.difficulty)
+    return spec if args.image_size is None else dataclasses.replace(spec, image_size=tuple(args.image_size))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Generate a split and print how long it took."""
     parser = argparse.ArgumentParser(description="Generate a split of the synthetic shapes dataset (COCO format).")
@@ -747,7 +779,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 256), metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument("--difficulty", default="standard", choices=list(SHAPES_PRESETS),
+                        help="named spec (default: standard)")
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="override the difficulty's image size")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if a complete copy exists")
     args = parser.parse_args(argv)
@@ -759,7 +794,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.split,
         args.num_images,
         args.seed,
-        spec=ShapesSpec(image_size=tuple(args.image_size)),
+        spec=_spec_from_args(args),
         name=args.name,
         num_workers=args.workers,
         overwrite=args.overwrite,

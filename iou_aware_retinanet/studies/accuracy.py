@@ -86,8 +86,9 @@ def schedule_opts(iters: int) -> List[str]:
     return [
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", f"({int(iters * 0.7)}, {int(iters * 0.9)})",
-        "SOLVER.WARMUP_ITERS", str(min(100, iters // 5)),
+        "SOLVER.WARMUP_ITERS", str(min(300, iters // 7)),
         "SOLVER.CHECKPOINT_PERIOD", str(iters),
+        "TEST.EVAL_PERIOD", "0",
     ]  # fmt: skip
 
 
@@ -425,7 +426,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="baseline and IoU-aware only, seed 0 (~10 min)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {', '.join(TRAINED)}")
-    parser.add_argument("--iters", type=int, default=900, help="training iterations per model (default 900: the full study in < 2 h)")
+    parser.add_argument("--iters", type=int, default=2000, help="training iterations per model (default 2000: the full study in < 2 h)")
     parser.add_argument("--max-samples", type=int, default=10000, help="detections per correlation panel")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="output/study/accuracy")

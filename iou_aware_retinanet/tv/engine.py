@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
 from .data import dataset_class_names, derive_seed, load_train_records, resolve_dataset, build_train_loader
-from .evaluation import EvaluationResult, evaluate, format_metrics_table
+from .evaluation import EvaluationResult, curve_table, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
 from .model import build_model
 
@@ -435,6 +435,7 @@ def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int) 
     scheduler.step()
     values = {"total_loss": float(total.detach())}
     values.update({k: float(v.detach()) for k, v in loss_dict.items()})
+    values.update(getattr(model, "training_metrics", None) or {})  # e.g. loss_iou_minus_entropy
     return values
 
 
@@ -468,6 +469,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     data_iter = iter(loader)
     bar = _progress_bar(start_iter, max_iter)
     model.train()
+    train_start, iteration = time.perf_counter(), start_iter - 1
     try:
         for iteration in range(start_iter, max_iter):
             start = time.perf_counter()
@@ -488,6 +490,13 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     finally:
         bar.close()
         del data_iter  # shuts the workers down
+    done = iteration + 1 - start_iter if max_iter > start_iter else 0
+    if done:
+        elapsed = time.perf_counter() - train_start
+        logger.info(
+            "Trained %d iterations in %.1f s: %.2f it/s, %.1f images/s",
+            done, elapsed, done / elapsed, done * cfg.SOLVER.IMS_PER_BATCH / elapsed,
+        )
 
 
 def _after_step(cfg, model, checkpointer, writer, iteration: int, seed: int) -> None:
@@ -554,7 +563,14 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
             MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER).write(
                 {"iteration": cfg.SOLVER.MAX_ITER - 1, **_flatten(results)}
             )
+            _log_learning_curve(cfg.OUTPUT_DIR)
         return results
+
+
+def _log_learning_curve(output_dir: str) -> None:
+    points = evaluation_points(read_metrics(output_dir))
+    if len(points) > 1:
+        logger.info("Learning curve (%s/metrics.json):\n%s", output_dir, curve_table(points))
 
 
 def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:

@@ -6,7 +6,8 @@
 Writes ``<output_dir>/coco_instances_results.json`` (COCO results: image_id,
 category_id, bbox XYWH, score = the fused score S, plus ``cls_score`` p and
 ``pred_iou`` when the model has the IoU branch) and ``<output_dir>/metrics.json``
-(AP, AP50, AP75, APs, APm, APl x 100, and AP per category as ``AP-<name>``).
+(AP, AP50, AP75, APs, APm, APl x 100, AP90 (precision at IoU 0.9 alone), and AP
+per category as ``AP-<name>``).
 ``output_dir`` defaults to ``OUTPUT_DIR/inference/<dataset>``.
 """
 import contextlib
@@ -35,6 +36,9 @@ __all__ = [
     "evaluate",
     "format_metrics_table",
     "inference_on_dataset",
+    "curve_table",
+    "evaluation_points",
+    "read_metrics",
 ]
 
 BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -105,7 +109,7 @@ def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int
     class_names = [coco_gt.cats[c]["name"] for c in sorted(coco_gt.cats)]
     if not results:
         logger.warning("No detections at all: every AP is 0 (is the model trained? is the score threshold too high?)")
-        metrics = {name: 0.0 for name in BBOX_METRICS}
+        metrics = {name: 0.0 for name in BBOX_METRICS + ("AP90",)}
         metrics.update({f"AP-{name}": 0.0 for name in class_names})
         return metrics
     stdout = io.StringIO()
@@ -121,6 +125,10 @@ def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int
     metrics = {name: _percent(coco_eval.stats[i]) for i, name in enumerate(BBOX_METRICS)}
     # precision: (iou thresholds, recall, category, area range, max dets)
     precision = coco_eval.eval["precision"]
+    # AP at IoU 0.9 alone (the paper's VOC table shows the largest gains at AP80 / AP90).
+    at_90 = precision[int(np.argmin(np.abs(coco_eval.params.iouThrs - 0.9))), :, :, 0, -1]
+    at_90 = at_90[at_90 > -1]
+    metrics["AP90"] = _percent(float(np.mean(at_90)) if at_90.size else -1.0)
     for k, cat_id in enumerate(coco_eval.params.catIds):
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
@@ -164,3 +172,36 @@ def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None, ba
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
     logger.info("%s", format_metrics_table(metrics, dataset_name))
     return EvaluationResult(dataset_name, metrics, detections, output_dir)
+
+
+# --------------------------------------------------------------------------- learning curve
+
+CURVE_METRICS = ("AP", "AP50", "AP75")
+
+
+def read_metrics(output_dir: str) -> List[Dict]:
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: is {output_dir} the OUTPUT_DIR of a training run?")
+    with open(path, "r", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluation_points(records: Sequence[Dict], dataset: Optional[str] = None) -> List[Dict]:
+    """One dict per evaluation: iteration and the bbox metrics of ``dataset`` (default: the only / first one)."""
+    points = []
+    for record in records:
+        keys = [k for k in record if k.endswith("bbox/AP")]
+        if not keys:
+            continue
+        key = next((k for k in keys if dataset and k.startswith(dataset + "/")), sorted(keys)[0])
+        prefix = key[: -len("AP")]
+        points.append({"iteration": record["iteration"] + 1, **{m: record[prefix + m] for m in CURVE_METRICS}})
+    return points
+
+
+def curve_table(points: Sequence[Dict]) -> str:
+    lines = ["| iteration | " + " | ".join(CURVE_METRICS) + " |", "|---:|" + "---:|" * len(CURVE_METRICS)]
+    for p in points:
+        lines.append(f"| {p['iteration']} | " + " | ".join(f"{p[m]:.1f}" for m in CURVE_METRICS) + " |")
+    return "\n".join(lines)

@@ -52,6 +52,7 @@ from ..core import (
     dense_detection_losses,
     postprocess_image,
 )
+from ..core.losses import IOU_TARGET_ENTROPY
 from .anchors import AnchorGenerator, build_anchor_generator
 from .backbone import build_backbone, get_norm
 from .config import check_cfg
@@ -308,7 +309,13 @@ class IoUAwareRetinaNet(RetinaNet):
             config=self.loss_config,
         )
         normalizer = per_image.pop("num_foreground").clamp(min=1).to(cls_logits.dtype)
-        return {name: (loss / normalizer).mean() for name, loss in per_image.items()}
+        entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
+        losses = {name: (loss / normalizer).mean() for name, loss in per_image.items()}
+        # Statistics of the step that are not losses (the engine logs them).
+        self.training_metrics = {}
+        if entropy is not None:
+            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"] - (entropy / normalizer).mean())
+        return losses
 
     @torch.no_grad()
     def detached_predictions(

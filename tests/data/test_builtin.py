@@ -17,6 +17,7 @@ from iou_aware_retinanet.data.builtin import (
     shapes_class_names,
 )
 from iou_aware_retinanet.data.coco import load_coco_detection
+from iou_aware_retinanet.data.synthetic import SHAPES_PRESETS, ShapesSpec
 
 
 @pytest.fixture
@@ -40,11 +41,16 @@ def test_root_defaults_to_datasets_in_the_working_directory(monkeypatch):
 
 def test_documented_names_exist():
     names = builtin_dataset_names()
-    shapes = ("shapes_train", "shapes_val", "shapes_mini_train", "shapes_mini_val")
+    shapes = ("shapes_train", "shapes_val", "shapes_mini_train", "shapes_mini_val", "shapes_hard_train", "shapes_hard_val")
     for name in shapes + ("coco_2017_train", "coco_2017_val"):
         assert name in names
-    assert BUILTIN_SHAPES["shapes_train"].num_images == 1000
-    assert BUILTIN_SHAPES["shapes_val"].num_images == 200
+    assert BUILTIN_SHAPES["shapes_train"].num_images == 2000
+    assert BUILTIN_SHAPES["shapes_val"].num_images == 300
+    assert BUILTIN_SHAPES["shapes_train"].spec == SHAPES_PRESETS["standard"]
+    # The harder variant keeps generator 1.0's data, by name.
+    assert BUILTIN_SHAPES["shapes_hard_train"].spec == SHAPES_PRESETS["hard"] == ShapesSpec()
+    assert BUILTIN_SHAPES["shapes_hard_train"].num_images == 1000
+    assert BUILTIN_SHAPES["shapes_hard_val"].num_images == 200
     assert BUILTIN_SHAPES["shapes_train"].seed != BUILTIN_SHAPES["shapes_val"].seed
 
 
