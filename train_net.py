@@ -11,12 +11,11 @@ through Detectron2's ``launch`` (DDP).
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 
-from iou_aware_retinanet import add_iou_aware_retinanet_config
 from iou_aware_retinanet.d2 import register_config_datasets
+from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 
 
 class Trainer(DefaultTrainer):
@@ -28,11 +27,11 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_iou_aware_retinanet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    # Safe YAML (Detectron2's merge_from_file would allow Python tags), ints for float keys.
+    cfg = setup_project_cfg(args.config_file, args.opts)
+    check_weights_file(cfg.MODEL.WEIGHTS, allow_pickle=getattr(args, "allow_pickle", False))
+    if args.eval_only:
+        check_eval_weights(cfg, resume=args.resume)
     default_setup(cfg, args)
     # DATASETS.COCO_INSTANCES, and the built-in datasets generated before
     # COCOEvaluator looks for their json file.
@@ -53,8 +52,17 @@ def main(args):
     return trainer.train()
 
 
+def get_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="allow .pkl MODEL.WEIGHTS (read with pickle, which can run code: only for files you trust)",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         main,

@@ -5,6 +5,9 @@ with their defaults, to a config that already has Detectron2's (RetinaNet)
 keys; Detectron2's global defaults are never touched. Works on Detectron2's
 ``CfgNode`` and on fvcore's (the torchvision front-end's config).
 """
+import ast
+from typing import List, Sequence
+
 from .core import BOX_LOSS_TYPES, InferenceConfig, LossConfig, available_assigners, build_assigner
 from .core.inference import THRESHOLD_ON_CHOICES
 
@@ -136,3 +139,20 @@ def inference_config_from_cfg(cfg, clip_to_image: bool = False) -> InferenceConf
         max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
         clip_to_image=clip_to_image,
     )
+
+
+def ints_as_floats(cfg, opts: Sequence[str]) -> List[str]:
+    """``KEY VALUE`` pairs with an integer VALUE written as a float where KEY holds a float
+    (``SOLVER.BASE_LR 1``), which yacs would reject as a type mismatch."""
+    out = list(opts)
+    for i in range(0, len(out) - 1, 2):
+        node = cfg
+        try:
+            for part in str(out[i]).split("."):
+                node = node[part]
+            value = ast.literal_eval(str(out[i + 1]))
+        except (KeyError, TypeError, ValueError, SyntaxError):
+            continue  # unknown keys and strings: yacs reports / handles them
+        if isinstance(node, float) and isinstance(value, int) and not isinstance(value, bool):
+            out[i + 1] = str(float(value))
+    return out

@@ -1,5 +1,9 @@
 """Run a trained IoU-aware RetinaNet (Detectron2) on images and draw the detections.
 
+Configs are read with a safe YAML loader, ``.pkl`` weights need
+``--allow-pickle``, and an output that would overwrite an input image is
+refused before anything is written.
+
     python -m iou_aware_retinanet.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
         --input img1.png img2.png --output out_dir/ --opts MODEL.WEIGHTS output/model_final.pth
 
@@ -12,22 +16,19 @@ import os
 
 import cv2
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
-from . import add_iou_aware_retinanet_config
+from .d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 from .visualize import draw_detections
 
 logger = logging.getLogger("iou_aware_retinanet.demo")
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_iou_aware_retinanet_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = setup_project_cfg(args.config_file, args.opts)
+    check_weights_file(cfg.MODEL.WEIGHTS, allow_pickle=args.allow_pickle)
+    check_eval_weights(cfg)  # no drawing from a randomly initialised model
     return cfg
 
 
@@ -37,6 +38,7 @@ def get_parser():
     parser.add_argument("--input", nargs="+", required=True, help="images or glob patterns")
     parser.add_argument("--output", required=True, help="output folder (or file, for one input)")
     parser.add_argument("--min-score", type=float, default=0.3, help="draw boxes with S above this")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow .pkl MODEL.WEIGHTS (pickle can run code)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser
 
@@ -45,18 +47,22 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     args = get_parser().parse_args(argv)
     cfg = setup_cfg(args)
+    paths = [p for pattern in args.input for p in sorted(glob.glob(os.path.expanduser(pattern)))]
+    if not paths:
+        raise FileNotFoundError(f"no image matches {args.input}")
+    single_file = len(paths) == 1 and os.path.splitext(args.output)[1] != "" and not os.path.isdir(args.output)
+    outputs = [args.output if single_file else os.path.join(args.output, os.path.basename(p)) for p in paths]
+    sources = {os.path.realpath(p) for p in paths}
+    clashes = [o for o in outputs if os.path.realpath(o) in sources]
+    if clashes:
+        raise FileExistsError(f"--output would overwrite the input image {clashes[0]}: choose another --output")
+    if not single_file:
+        os.makedirs(args.output, exist_ok=True)
     predictor = DefaultPredictor(cfg)
     class_names = None
     if cfg.DATASETS.TEST:
         class_names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
-
-    paths = [p for pattern in args.input for p in sorted(glob.glob(os.path.expanduser(pattern)))]
-    if not paths:
-        raise FileNotFoundError(f"no image matches {args.input}")
-    single_file = len(paths) == 1 and os.path.splitext(args.output)[1] != ""
-    if not single_file:
-        os.makedirs(args.output, exist_ok=True)
-    for path in paths:
+    for path, out in zip(paths, outputs):
         image = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, Detectron2's default INPUT.FORMAT
         if image is None:
             raise ValueError(f"cannot read image {path}")
@@ -73,8 +79,8 @@ def main(argv=None):
             class_names,
             min_score=args.min_score,
         )
-        out = args.output if single_file else os.path.join(args.output, os.path.basename(path))
-        cv2.imwrite(out, drawn)
+        if not cv2.imwrite(out, drawn):
+            raise OSError(f"could not write {out}")
         logger.info("%s: %d detections -> %s", path, len(instances), out)
 
 

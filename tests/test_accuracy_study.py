@@ -71,21 +71,47 @@ def test_iou_eval_ignores_other_classes():
     assert accuracy.iou_eval(det, item).tolist() == [0.0, 0.0]
 
 
-def test_results_table_reports_mean_std_and_deltas():
+def _metrics(ap, ap75, ap90=1.0, apl=3.0):
+    return {"AP": ap, "AP50": 20.0, "AP75": ap75, "AP90": ap90, "APs": 1.0, "APm": 2.0, "APl": apl}
+
+
+def test_results_table_reports_mean_std():
     rows = {
-        "retinanet": {"model": "retinanet", "scoring": "p", "per_seed": [
-            {"AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
-            {"AP": 12.0, "AP50": 20.0, "AP75": 7.0, "APs": 1.0, "APm": 2.0, "APl": float("nan")},
-        ]},
-        "iou_aware/0.5": {"model": "iou_aware", "scoring": "S", "per_seed": [
-            {"AP": 14.0, "AP50": 20.0, "AP75": 9.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
-            {"AP": 16.0, "AP50": 20.0, "AP75": 11.0, "APs": 1.0, "APm": 2.0, "APl": 3.0},
-        ]},
+        "retinanet": {"model": "retinanet", "scoring": "p",
+                      "per_seed": {0: _metrics(10.0, 5.0), 1: _metrics(12.0, 7.0, apl=float("nan"))}},
     }  # fmt: skip
-    lines = accuracy.results_table(rows, "retinanet").splitlines()
-    assert lines[2].split(" | ")[3:5] == ["11.00 ± 1.41", "20.00 ± 0.00"]
-    assert lines[2].split(" | ")[8] == "3.00"  # the NaN seed is left out of the mean
-    assert lines[3].rstrip(" |").split(" | ")[-2:] == ["+4.00", "+4.00"]
+    lines = accuracy.results_table(rows).splitlines()
+    cells = lines[2].split(" | ")
+    assert cells[3:5] == ["11.00 ± 1.41", "20.00 ± 0.00"]
+    assert cells[9].rstrip(" |") == "3.00"  # APl: the NaN seed is left out of the mean
+
+
+def test_paired_differences_and_verdicts_by_hand():
+    ref = {"per_seed": {0: _metrics(10.0, 5.0), 1: _metrics(12.0, 5.0), 2: _metrics(11.0, 5.0)}}
+    # AP deltas per seed: +4, +1, +4 -> mean 3, std sqrt(3), SE 1: 3 > 2 SE, a win.
+    better = {"per_seed": {0: _metrics(14.0, 7.0), 1: _metrics(13.0, 4.0), 2: _metrics(15.0, 7.0)}}
+    d = accuracy.paired_difference(better, ref, "AP")
+    assert d["deltas"] == [4.0, 1.0, 4.0]
+    assert (d["mean"], d["std"], d["se"]) == pytest.approx((3.0, math.sqrt(3.0), 1.0))
+    assert d["verdict"] == "wins"
+    # AP75 deltas +2, -1, +2: mean 1 < 2 SE (SE 1): no significant difference.
+    assert accuracy.paired_difference(better, ref, "AP75")["verdict"] == "no significant difference"
+    # Only the seeds both rows have are paired; one seed gives no verdict.
+    single = {"per_seed": {1: _metrics(9.0, 5.0)}}
+    assert accuracy.paired_difference(single, ref, "AP")["verdict"] == "n/a (1 seed)"
+    worse = {"per_seed": {s: _metrics(m["AP"] - 3.0 - 0.1 * s, 5.0) for s, m in ref["per_seed"].items()}}
+    assert accuracy.paired_difference(worse, ref, "AP")["verdict"] == "loses"
+    table = accuracy.paired_table({"retinanet": {"model": "retinanet", "scoring": "p", **ref},
+                                   "x": {"model": "x", "scoring": "S", **better}}, "retinanet")  # fmt: skip
+    assert "+4.00, +1.00, +4.00" in table and "+3.00 ± 1.73 (1.00)" in table and "| wins |" in table
+
+
+def test_iou_calibration_of_positive_anchors_by_hand():
+    # Anchor 0 is the GT itself (true IoU 1), anchor 1 has IoU 1/3 < 0.5: not a positive.
+    cal = accuracy.iou_calibration([_image([0.75, 0.9])], _Model())
+    assert cal["n"] == 1
+    assert cal["mae"] == pytest.approx(0.25)  # |0.75 - 1|
+    assert cal["bins"][0]["mean_true"] == pytest.approx(1.0)
 
 
 def test_tiny_study_end_to_end(tmp_path, monkeypatch):
@@ -102,14 +128,19 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     assert list(rows) == expected
     assert all(len(row["per_seed"]) == 2 for row in rows.values())
     # alpha = 1 on the IoU-aware model is its plain p ranking; both are scored from the same outputs.
-    for metrics in rows["iou_aware/1.0"]["per_seed"] + rows["iou_aware/truth"]["per_seed"]:
-        assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    for metrics in list(rows["iou_aware/1.0"]["per_seed"].values()) + list(rows["iou_aware/truth"]["per_seed"].values()):
+        assert set(metrics) == set(accuracy.STUDY_METRICS)
     assert [c["label"].split(":")[0] for c in summary["correlation"]] == [
         "baseline RetinaNet", "IoU-aware, p alone", "IoU-aware", "IoU-aware"
     ]  # fmt: skip
     assert (out / "correlation.png").stat().st_size > 0
-    results_section = (out / "accuracy.md").read_text().split("Correlation")[0]
+    assert (out / "calibration.png").stat().st_size > 0
+    assert summary["calibration"]["n"] > 0 and 0.0 <= summary["calibration"]["mae"] <= 1.0
+    assert "Paired differences" in (out / "accuracy.md").read_text()
+    results_section = (out / "accuracy.md").read_text().split("Paired differences")[0]
     assert results_section.count("| iou_aware") == len(accuracy.ALPHAS) + 1
+    paired_section = (out / "accuracy.md").read_text().split("Paired differences")[1].split("Correlation")[0]
+    assert paired_section.count("| iou_aware") == len(accuracy.ALPHAS) + 1  # every row but the baseline
     assert json.loads((out / "accuracy.json").read_text())["seeds"] == [0, 1]
     # A rerun reuses the trained models instead of training again.
     mtime = (out / "runs" / "iou_aware" / "seed0" / "model_final.pth").stat().st_mtime

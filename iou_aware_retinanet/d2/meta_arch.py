@@ -206,7 +206,7 @@ class IoUAwareRetinaNet(RetinaNet):
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
         losses = {name: loss.sum() / normalizer for name, loss in per_image.items()}
         if entropy is not None:  # loss_iou's floor: see core.losses
-            get_event_storage().put_scalar("loss_iou_minus_entropy", float(losses["loss_iou"] - entropy.sum() / normalizer))
+            get_event_storage().put_scalar("loss_iou_minus_entropy", float(losses["loss_iou"].detach() - entropy.sum() / normalizer))
         return losses
 
     # ----------------------------------------------------------------- inference

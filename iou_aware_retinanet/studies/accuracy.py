@@ -72,6 +72,9 @@ TRAINED = OrderedDict(
 )
 QUICK_CONFIGS = ("retinanet", "iou_aware")
 ALPHAS = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0)  # None: p * IoU
+# AP90: COCOeval precision at IoU 0.9 alone (the paper's VOC table gains most at AP80 / AP90).
+STUDY_METRICS = ("AP", "AP50", "AP75", "AP90", "APs", "APm", "APl")
+PAIRED_METRICS = ("AP", "AP75", "AP90")
 
 
 def alpha_name(alpha: Optional[float]) -> str:
@@ -87,7 +90,7 @@ def schedule_opts(iters: int) -> List[str]:
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", f"({int(iters * 0.7)}, {int(iters * 0.9)})",
         "SOLVER.WARMUP_ITERS", str(min(300, iters // 7)),
-        "SOLVER.CHECKPOINT_PERIOD", str(iters),
+        "SOLVER.CHECKPOINT_PERIOD", str(min(1000, iters)),  # a killed study resumes inside a model too
         "TEST.EVAL_PERIOD", "0",
     ]  # fmt: skip
 
@@ -112,7 +115,7 @@ def train_or_reuse(cfg) -> str:
     train_cfg = cfg.clone()
     train_cfg.defrost()
     train_cfg.DATASETS.TEST = ()  # the study evaluates from cached outputs below
-    train(train_cfg)
+    train(train_cfg, resume=True)  # continues a model a killed study left half-trained
     return final
 
 
@@ -204,7 +207,7 @@ def evaluate_scoring(items, data, model, alpha, iou_source="predicted") -> Dict[
     for item in items:
         results.extend(detections_to_coco(detect(item, model, alpha, iou_source), item.image_id, data.category_ids))
     metrics = coco_evaluate(data.coco, results, [item.image_id for item in items])
-    return {name: metrics[name] for name in BBOX_METRICS}
+    return {name: metrics[name] for name in STUDY_METRICS}
 
 
 # ------------------------------------------------------------------ correlation
@@ -295,38 +298,88 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def results_table(rows: "OrderedDict[str, dict]", reference: Optional[str]) -> str:
-    """Markdown: one row per (model, scoring), mean ± sample std over seeds, and
-    the difference of the means of AP and AP75 from the ``reference`` row."""
-    header = ["model", "scoring", "seeds", *BBOX_METRICS]
-    if reference:
-        header += ["ΔAP", "ΔAP75"]
+def results_table(rows: "OrderedDict[str, dict]") -> str:
+    """Markdown: one row per (model, scoring), mean ± sample std over seeds."""
+    header = ["model", "scoring", "seeds", *STUDY_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    ref = rows.get(reference) if reference else None
     for row in rows.values():
-        per_seed = row["per_seed"]
+        per_seed = list(row["per_seed"].values())
         cells = [row["model"], row["scoring"], str(len(per_seed))]
-        cells += [mean_std([m[k] for m in per_seed]) for k in BBOX_METRICS]
-        if ref is not None:
-            for k in ("AP", "AP75"):
-                delta = statistics.mean(m[k] for m in per_seed) - statistics.mean(m[k] for m in ref["per_seed"])
-                cells.append(f"{delta:+.2f}")
+        cells += [mean_std([m.get(k, float("nan")) for m in per_seed]) for k in STUDY_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_difference(row: dict, reference: dict, metric: str) -> Optional[dict]:
+    """Per-seed differences ``row - reference`` on the seeds both have, and the verdict.
+
+    The same seed gives both models the same data order, flips and
+    initialisation of the shared layers, so the per-seed difference removes
+    most of the seed-to-seed spread. A row *wins* (or *loses*) only where
+    |mean| > 2 x its standard error (std / sqrt(n)), with n >= 2.
+    """
+    seeds = [s for s in row["per_seed"] if s in reference["per_seed"]]
+    deltas = [row["per_seed"][s][metric] - reference["per_seed"][s][metric] for s in seeds]
+    deltas = [d for d in deltas if not math.isnan(d)]
+    if not deltas:
+        return None
+    mean = statistics.mean(deltas)
+    std = statistics.stdev(deltas) if len(deltas) > 1 else float("nan")
+    se = std / math.sqrt(len(deltas)) if len(deltas) > 1 else float("nan")
+    if len(deltas) < 2 or math.isnan(se):
+        verdict = "n/a (1 seed)"
+    elif se == 0.0:
+        verdict = "wins" if mean > 0 else ("loses" if mean < 0 else "no difference")
+    elif mean > 2 * se:
+        verdict = "wins"
+    elif mean < -2 * se:
+        verdict = "loses"
+    else:
+        verdict = "no significant difference"
+    return {"deltas": deltas, "mean": mean, "std": std, "se": se, "n": len(deltas), "verdict": verdict}
+
+
+def paired_table(rows: "OrderedDict[str, dict]", reference_key: str) -> str:
+    """Markdown: per-seed differences from the reference row, mean ± std (SE), and the verdict."""
+    reference = rows[reference_key]
+    header = ["model", "scoring"]
+    for metric in PAIRED_METRICS:
+        header += [f"Δ{metric} per seed", f"Δ{metric} mean ± std (SE)", f"{metric} verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for key, row in rows.items():
+        if key == reference_key:
+            continue
+        cells = [row["model"], row["scoring"]]
+        for metric in PAIRED_METRICS:
+            d = paired_difference(row, reference, metric)
+            if d is None:
+                cells += ["-", "-", "-"]
+                continue
+            cells.append(", ".join(f"{x:+.2f}" for x in d["deltas"]))
+            cells.append(f"{d['mean']:+.2f} ± {d['std']:.2f} ({d['se']:.2f})" if d["n"] > 1 else f"{d['mean']:+.2f}")
+            cells.append(d["verdict"])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def correlation_table(panels) -> str:
-    lines = ["| detections | confidence | n | Pearson | Spearman |", "|---|---|---|---|---|"]
+    lines = [
+        "| detections | confidence | n | Pearson | Spearman | n (IoU_eval >= 0.5) | Pearson (IoU_eval >= 0.5) | Spearman (IoU_eval >= 0.5) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for p in panels:
-        lines.append(f"| {p['model']} | {p['label']} | {len(p['iou_eval'])} | {p['pearson']:.3f} | {p['spearman']:.3f} |")
+        lines.append(
+            f"| {p['model']} | {p['label']} | {p['n']} | {p['pearson']:.3f} | {p['spearman']:.3f} "
+            f"| {p['n_matched']} | {p['pearson_matched']:.3f} | {p['spearman_matched']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ the study
 
 
-def add_row(rows, key, model, scoring, metrics):
-    rows.setdefault(key, {"model": model, "scoring": scoring, "per_seed": []})["per_seed"].append(metrics)
+def add_row(rows, key, model, scoring, seed, metrics):
+    rows.setdefault(key, {"model": model, "scoring": scoring, "per_seed": {}})["per_seed"][seed] = metrics
 
 
 def run_study(args) -> dict:
@@ -339,6 +392,7 @@ def run_study(args) -> dict:
     start = time.perf_counter()
     rows: "OrderedDict[str, dict]" = OrderedDict()
     panels, datasets = [], []
+    calibration, train_seconds = None, OrderedDict()
     eval_logger = logging.getLogger("iou_aware_retinanet.tv.evaluation")
     for name in names:
         for seed_index, seed in enumerate(seeds):
@@ -353,37 +407,59 @@ def run_study(args) -> dict:
             try:
                 config_alpha = model.inference_config.alpha
                 if not model.iou_aware:
-                    add_row(rows, name, name, "p", evaluate_scoring(items, data, model, 1.0))
+                    add_row(rows, name, name, "p", seed, evaluate_scoring(items, data, model, 1.0))
                 elif name == "iou_aware":
                     for alpha in ALPHAS:
                         scoring = "p" if alpha == 1.0 else f"S, alpha {alpha_name(alpha)}"
-                        add_row(rows, f"{name}/{alpha}", name, scoring, evaluate_scoring(items, data, model, alpha))
+                        add_row(rows, f"{name}/{alpha}", name, scoring, seed, evaluate_scoring(items, data, model, alpha))
                     add_row(
                         rows, f"{name}/truth", f"{name} (upper bound)", f"S with IoU_truth, alpha {alpha_name(config_alpha)}",
-                        evaluate_scoring(items, data, model, config_alpha, "truth"),
+                        seed, evaluate_scoring(items, data, model, config_alpha, "truth"),
                     )  # fmt: skip
                 else:
-                    add_row(rows, name, name, f"S, alpha {alpha_name(config_alpha)}", evaluate_scoring(items, data, model, config_alpha))
+                    add_row(rows, name, name, f"S, alpha {alpha_name(config_alpha)}", seed, evaluate_scoring(items, data, model, config_alpha))
             finally:
                 eval_logger.setLevel(level)
             if seed_index == 0 and name in ("retinanet", "iou_aware"):
                 panels += correlation_panels(name, items, model, args.max_samples)
+            if seed_index == 0 and name == "iou_aware":
+                calibration = iou_calibration(items, model)
+                calibration["run"] = cfg.OUTPUT_DIR
+            train_seconds[f"{name}/seed{seed}"] = training_seconds(cfg.OUTPUT_DIR)
             logger.info("%s seed %d done (%.1f min so far)", name, seed, (time.perf_counter() - start) / 60)
 
-    reference = "retinanet" if "retinanet" in rows else None
-    table = results_table(rows, reference)
     report = [
-        f"Accuracy on {', '.join(datasets)}, "
-        f"{args.iters} iterations per model, seeds {seeds}; mean ± sample std over seeds; "
-        f"Δ: difference of the means from the baseline RetinaNet.",
+        f"Accuracy on {', '.join(datasets)}, {args.iters} iterations per model, seeds {seeds}; "
+        "mean ± sample std over seeds.",
         "",
-        table,
+        results_table(rows),
     ]
+    if "retinanet" in rows:
+        report += [
+            "",
+            "Paired differences from the baseline RetinaNet (same seed: same data order, flips and shared-layer "
+            "initialisation); verdict 'wins' / 'loses' where |mean| > 2 x SE, SE = std / sqrt(n):",
+            "",
+            paired_table(rows, "retinanet"),
+        ]
     if panels:
         png = str(out / "correlation.png")
         plot_correlation([p for p in panels if p["plot"]], png)
-        report += ["", f"Correlation of confidence with IoU_eval (seed {seeds[0]}; plot: {png}):", "", correlation_table(panels)]
-    report += ["", f"Study time: {(time.perf_counter() - start) / 60:.1f} min"]
+        report += [
+            "", f"Correlation of confidence with IoU_eval (seed {seeds[0]}; plot: {png}); the last three columns keep "
+            "the detections whose class matches a GT they overlap with IoU >= 0.5:", "", correlation_table(panels),
+        ]  # fmt: skip
+    if calibration is not None:
+        png = str(out / "calibration.png")
+        plot_calibration(calibration, png)
+        report += ["", calibration_text(calibration) + f" (plot: {png})"]
+    trained = [v for v in train_seconds.values() if v is not None]
+    report += [
+        "",
+        f"Training time of the {len(trained)} models found (their log.txt): {sum(trained) / 60:.1f} min in all, "
+        f"{statistics.mean(trained) / 60 if trained else float('nan'):.1f} min per model; "
+        f"this command's time (training what was missing, evaluating everything): {(time.perf_counter() - start) / 60:.1f} min",
+    ]
     text = "\n".join(report)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,7 +467,9 @@ def run_study(args) -> dict:
     summary = {
         "iters": args.iters, "seeds": list(seeds), "configs": list(names),
         "rows": rows,
-        "correlation": [{k: v for k, v in p.items() if k not in ("iou_eval", "confidence")} | {"n": len(p["iou_eval"])} for p in panels],
+        "correlation": [{k: v for k, v in p.items() if k not in ("iou_eval", "confidence")} for p in panels],
+        "calibration": calibration and {k: v for k, v in calibration.items() if k not in ("predicted", "true")},
+        "training_seconds": train_seconds,
     }  # fmt: skip
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
@@ -412,11 +490,114 @@ def correlation_panels(name: str, items, model, max_samples: int) -> List[dict]:
     panels = []
     for label, a, source, plot in specs:
         x, y = correlation_samples(items, model, a, source, max_samples)
+        matched = x >= 0.5  # the class matches a GT the box overlaps with IoU >= 0.5
         panels.append(
-            {"model": name, "label": label, "plot": plot, "iou_eval": x, "confidence": y,
-             "pearson": pearson(x, y), "spearman": spearman(x, y)}
+            {"model": name, "label": label, "plot": plot, "iou_eval": x, "confidence": y, "n": len(x),
+             "pearson": pearson(x, y), "spearman": spearman(x, y), "n_matched": int(matched.sum()),
+             "pearson_matched": pearson(x[matched], y[matched]), "spearman_matched": spearman(x[matched], y[matched])}
         )  # fmt: skip
     return panels
+
+
+# ------------------------------------------------------------------ calibration of the IoU branch
+
+
+def iou_calibration(items, model, fg_threshold: float = 0.5, bins: int = 10) -> dict:
+    """Predicted IoU against the true IoU of every positive anchor of the validation images.
+
+    Positive: anchor IoU >= ``fg_threshold`` with some GT (RetinaNet's foreground
+    rule); true IoU: IoU of the anchor's decoded box with that GT, the target
+    the branch is trained on. Returns both arrays, the mean absolute error,
+    Pearson, and a binned curve (mean true IoU per bin of predicted IoU).
+    """
+    predicted, true = [], []
+    for item in items:
+        if item.ious is None or item.gt_boxes.shape[0] == 0:
+            continue
+        gt = resize_boxes(item.gt_boxes, item.original_size, item.image_size)
+        for deltas, anchors, ious in zip(item.box_deltas, item.anchors, item.ious):
+            best, which = box_iou(anchors, gt).max(dim=1)
+            fg = best >= fg_threshold
+            if not fg.any():
+                continue
+            boxes = model.box_coder.apply_deltas(deltas[fg], anchors[fg])
+            true.append(box_iou(boxes, gt).gather(1, which[fg][:, None]).squeeze(1).nan_to_num(0.0))
+            predicted.append(ious[fg])
+    if not predicted:
+        return {"n": 0, "mae": float("nan"), "pearson": float("nan"), "bins": [], "predicted": np.zeros(0), "true": np.zeros(0)}
+    p = torch.cat(predicted).double().numpy()
+    t = torch.cat(true).double().numpy()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+    curve = [
+        {"low": float(edges[b]), "high": float(edges[b + 1]), "n": int((index == b).sum()),
+         "mean_predicted": float(p[index == b].mean()), "mean_true": float(t[index == b].mean())}
+        for b in range(bins) if (index == b).any()
+    ]  # fmt: skip
+    return {"n": len(p), "mae": float(np.abs(p - t).mean()), "pearson": pearson(t, p), "bins": curve, "predicted": p, "true": t}
+
+
+def calibration_text(cal: dict) -> str:
+    return (
+        f"IoU branch calibration ({cal.get('run', '')}): {cal['n']} positive anchors of the validation images, "
+        f"mean |predicted IoU - true IoU| = {cal['mae']:.3f}, Pearson {cal['pearson']:.3f}"
+    )
+
+
+def plot_calibration(cal: dict, path: str) -> None:
+    """Predicted vs true IoU of the positives, and loss_iou minus its floor during training."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install -e '.[analysis]'): %s not written", path)
+        return
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.2))
+    keep = np.random.default_rng(0).permutation(len(cal["true"]))[:10000]
+    ax.scatter(cal["true"][keep], cal["predicted"][keep], s=2, alpha=0.2, linewidths=0, label="positive anchors")
+    ax.plot([b["mean_true"] for b in cal["bins"]], [b["mean_predicted"] for b in cal["bins"]], "o-", color="C3",
+            label="binned by predicted IoU")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.set_xlabel("true IoU (decoded box vs its GT)")
+    ax.set_ylabel("predicted IoU")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"IoU branch: MAE {cal['mae']:.3f}, Pearson {cal['pearson']:.3f}", fontsize=10)
+    records = []
+    metrics_file = os.path.join(cal.get("run", ""), "metrics.json")
+    if os.path.isfile(metrics_file):
+        with open(metrics_file, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if "loss_iou_minus_entropy" in r]
+    if records:
+        it = [r["iteration"] + 1 for r in records]
+        ax_loss.plot(it, [r["loss_iou"] for r in records], lw=1, label="loss_iou (BCE)")
+        ax_loss.plot(it, [r["loss_iou_minus_entropy"] for r in records], lw=1, label="loss_iou - entropy of its targets")
+        ax_loss.legend(fontsize=8)
+    ax_loss.set_xlabel("iteration")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.set_title("the branch's progress: BCE above its floor", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_seconds(output_dir: str) -> Optional[float]:
+    """Seconds the engine reported for training this run (its log.txt), None if not found."""
+    path = os.path.join(output_dir, "log.txt")
+    if not os.path.isfile(path):
+        return None
+    seconds = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if "Trained " in line and " iterations in " in line:
+                seconds = float(line.split(" iterations in ")[1].split(" s")[0])
+    return seconds
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -426,7 +607,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="baseline and IoU-aware only, seed 0 (~10 min)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {', '.join(TRAINED)}")
-    parser.add_argument("--iters", type=int, default=2000, help="training iterations per model (default 2000: the full study in < 2 h)")
+    parser.add_argument("--iters", type=int, default=3000, help="training iterations per model (default 3000: the full study in < 2 h with two processes)")
     parser.add_argument("--max-samples", type=int, default=10000, help="detections per correlation panel")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="output/study/accuracy")

@@ -154,7 +154,7 @@ def run_probe(probe: Probe, output_dir: Path, config_file: Path = MAIN_CONFIG) -
     cfg = probe_cfg(probe, output_dir, config_file)
     logger.info("Probe %s: %s %s", probe.name, probe.what, " ".join(probe.opts))
     start = time.perf_counter()
-    results = train(cfg)
+    results = train(cfg, resume=True)  # a probe killed half-way continues
     wall = time.perf_counter() - start
     metrics = next(iter(results.values()))["bbox"]
     result = {

@@ -19,7 +19,7 @@ initialisation.
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,18 @@ def _read(path: str):
         return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.WEIGHTS={path!r}: file not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path)
+
+
+def _torch_load(path: str):
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. "PytorchStreamReader failed ..." for a truncated file
+        raise RuntimeError(
+            f"cannot read {path}: {e}. The file is truncated or not a PyTorch checkpoint "
+            "(an interrupted copy or a full disk?)"
+        ) from e
 
 
 def _state_dict_of(checkpoint, path: str) -> Mapping[str, torch.Tensor]:
@@ -87,8 +98,12 @@ def load_weights(model: nn.Module, path: str):
             )
             continue
         loadable[key] = value
-    if not any(key in own for key in loadable):
-        raise ValueError(f"MODEL.WEIGHTS={path!r}: no parameter of the checkpoint matches the model")
+    # BatchNorm's step counters match any BN model: they prove nothing about the weights.
+    if not any(key in own and not key.endswith("num_batches_tracked") for key in loadable):
+        raise ValueError(
+            f"MODEL.WEIGHTS={path!r}: no parameter of the checkpoint matches the model "
+            "(names or shapes differ everywhere): is it a checkpoint of this model?"
+        )
     incompatible = model.load_state_dict(_with_metadata(loadable, state), strict=False)
     if incompatible.missing_keys:
         logger.warning("Keys not found in %s (left as initialised): %s", path, ", ".join(incompatible.missing_keys))
@@ -97,17 +112,17 @@ def load_weights(model: nn.Module, path: str):
     return incompatible
 
 
-def save_checkpoint(model: nn.Module, path: str, **extra) -> None:
+def save_checkpoint(model: nn.Module, path: str, state: Optional[Mapping] = None, **extra) -> None:
     """Write ``{"model": model.state_dict(), **extra}`` atomically (loadable by :func:`load_weights`).
 
     The file is written to ``<path>.tmp``, flushed to disk, then renamed over
     ``path``: a kill at any moment leaves either the old file or the new one.
     ``extra`` must hold only what ``torch.load(weights_only=True)`` reads back
     (tensors, numbers, strings, lists / dicts of them), e.g. an optimizer's
-    ``state_dict()``.
+    ``state_dict()``. ``state`` replaces ``model.state_dict()`` when given.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_save({"model": model.state_dict(), **extra}, path)
+    _atomic_save({"model": model.state_dict() if state is None else state, **extra}, path)
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -123,7 +138,7 @@ def load_checkpoint(path: str) -> dict:
     """A training checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(path)
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a training checkpoint (no 'model' entry)")
     return checkpoint

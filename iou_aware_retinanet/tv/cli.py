@@ -20,6 +20,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
+from ..config import ints_as_floats
 from .config import get_cfg
 from ..visualize import draw_detections
 from .data import dataset_categories, read_images, resolve_dataset
@@ -28,7 +29,7 @@ from .evaluation import atomic_write_json, detections_to_coco
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "get_parser", "setup_cfg", "predict"]
+__all__ = ["main", "get_parser", "setup_cfg", "predict", "expand_inputs", "refuse_overwriting_inputs"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -73,7 +74,7 @@ def get_parser() -> argparse.ArgumentParser:
     eval_parser = add("eval", "evaluate on DATASETS.TEST (COCO AP)")
     eval_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
     predict_parser = add("predict", "draw the detections on images")
-    predict_parser.add_argument("--input", nargs="+", required=True, metavar="IMG", help="image files")
+    predict_parser.add_argument("--input", nargs="+", required=True, metavar="IMG", help="image files or folders of images")
     predict_parser.add_argument("--output", required=True, metavar="OUT", help="image file (one input) or folder")
     predict_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
     predict_parser.add_argument("--min-score", type=float, default=0.3, metavar="S", help="keep detections with score >= S (default 0.3)")
@@ -91,7 +92,7 @@ def setup_cfg(config_file: str, opts: Sequence[str] = ()):
     cfg = get_cfg()
     cfg.merge_from_file(config_file)
     try:
-        cfg.merge_from_list(list(opts))
+        cfg.merge_from_list(ints_as_floats(cfg, opts))
     except AssertionError as e:  # yacs asserts on unknown keys
         raise KeyError(f"command-line override: {e}") from None
     cfg.freeze()
@@ -137,6 +138,34 @@ def _output_paths(inputs: Sequence[str], output: str) -> List[str]:
     return [os.path.join(output, n) for n in names]
 
 
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Image files, with each folder replaced by the images in it (sorted), as Detectron2's demo takes a glob."""
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, f) for f in os.listdir(path)
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(path, f))
+            )  # fmt: skip
+            if not found:
+                raise FileNotFoundError(f"--input {path}: folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def refuse_overwriting_inputs(inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Raise before anything is written when an output file would replace an input image."""
+    sources = {os.path.realpath(p) for p in inputs}
+    clashes = [p for p in outputs if os.path.realpath(p) in sources]
+    if clashes:
+        raise FileExistsError(
+            f"--output would overwrite the input image {clashes[0]}"
+            f"{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}: choose another --output folder or file"
+        )
+
+
 def _categories(cfg) -> List[tuple]:
     """(COCO category id, name) per class index: the first test dataset's, else (index, "index")."""
     num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
@@ -160,11 +189,18 @@ def _detect(model, image: torch.Tensor, min_score: float) -> dict:
 def predict(cfg, inputs: Sequence[str], output: str, weights: Optional[str] = None, min_score: float = 0.3) -> dict:
     """Detect on ``inputs``, keep scores >= ``min_score``, draw them into PNGs and write a
     COCO-format json of the detections (with scores) next to them; returns the json's content."""
+    if not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"--min-score must lie in [0, 1] (scores are probabilities), got {min_score}")
+    inputs = expand_inputs(inputs)
+    out_paths = _output_paths(inputs, output)
+    json_path = (
+        os.path.splitext(out_paths[0])[0] + ".json" if _is_single_file(inputs, output) else os.path.join(output, "predictions.json")
+    )
+    refuse_overwriting_inputs(inputs, out_paths + [json_path])
     images = read_images(inputs)  # fails on the first missing / unreadable file, before any work
     model = load_model(cfg, resolve_weights(cfg, weights))
     categories = _categories(cfg)
     category_ids, names = [c for c, _ in categories], [n for _, n in categories]
-    out_paths = _output_paths(inputs, output)
     os.makedirs(os.path.dirname(os.path.abspath(out_paths[0])), exist_ok=True)
     coco = {"images": [], "annotations": [], "categories": [{"id": c, "name": n} for c, n in categories]}
     for image_id, (path, image, out_path) in enumerate(zip(inputs, images, out_paths), start=1):
@@ -184,10 +220,6 @@ def predict(cfg, inputs: Sequence[str], output: str, weights: Optional[str] = No
             area = det["bbox"][2] * det["bbox"][3]
             coco["annotations"].append({"id": len(coco["annotations"]) + 1, "area": area, "iscrowd": 0, **det})
         print(f"{path}: {len(dets['scores'])} detections with score >= {min_score} -> {out_path}")
-    if _is_single_file(inputs, output):
-        json_path = os.path.splitext(out_paths[0])[0] + ".json"
-    else:
-        json_path = os.path.join(output, "predictions.json")
     atomic_write_json(json_path, coco)
     print(f"detections (COCO format, with scores): {json_path}")
     return coco

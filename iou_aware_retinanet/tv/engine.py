@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
 from .data import dataset_class_names, derive_seed, load_train_records, resolve_dataset, build_train_loader
-from .evaluation import EvaluationResult, curve_table, evaluate, evaluation_points, format_metrics_table, read_metrics
+from .evaluation import EvaluationResult, check_num_classes, curve_table, safe_folder_name, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
 from .model import build_model
 
@@ -63,6 +63,8 @@ progress_logger = logging.getLogger(__name__ + ".progress")
 
 __all__ = [
     "NonFiniteLossError",
+    "NonFiniteWeightsError",
+    "non_finite_tensors",
     "WarmupLRScheduler",
     "build_lr_scheduler",
     "build_optimizer",
@@ -85,6 +87,15 @@ NORM_MODULE_TYPES = (
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the iteration and every loss term."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """A parameter or buffer became NaN or infinite; nothing is saved from such weights."""
+
+
+def non_finite_tensors(model: nn.Module) -> List[str]:
+    """Names of the parameters and buffers of ``model`` holding NaN or inf."""
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 # --------------------------------------------------------------------------- seeds
@@ -257,15 +268,35 @@ class Checkpointer:
 
     def __init__(self, output_dir: str, model, optimizer, scheduler):
         self.output_dir, self.model, self.optimizer, self.scheduler = output_dir, model, optimizer, scheduler
+        self.last_saved: Optional[str] = None  # the newest checkpoint written or resumed from
 
-    def save(self, name: str, iteration: int, seed: int) -> str:
+    def last_good_note(self) -> str:
+        if self.last_saved:
+            return f"The last good checkpoint is {self.last_saved} (resume from it with --resume)."
+        return "No checkpoint was written by this run."
+
+    def save(self, name: str, iteration: int, seed: int, buffers: Optional[Dict[str, torch.Tensor]] = None) -> str:
+        """Write ``name``.pth; refuses (NonFiniteWeightsError) when a weight is NaN or inf.
+
+        ``buffers`` replace the model's own (BatchNorm statistics taken before a forward pass)."""
+        state = self.model.state_dict()
+        if buffers:
+            state.update(buffers)
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteWeightsError(
+                f"Weights became infinite or NaN by iteration {iteration} ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
+                "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
+            )
         path = os.path.join(self.output_dir, f"{name}.pth")
         save_checkpoint(
-            self.model, path,
+            self.model, path, state=state,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             iteration=int(iteration), seed=int(seed),
         )  # fmt: skip
         write_last_checkpoint(self.output_dir, os.path.basename(path))
+        self.last_saved = path
         logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
         return path
 
@@ -274,7 +305,7 @@ class Checkpointer:
         path = last_checkpoint(self.output_dir)
         if path is None:
             return None
-        checkpoint = load_checkpoint(path)
+        checkpoint, path = self._load_newest_readable(path)
         missing = [key for key in ("optimizer", "scheduler", "iteration", "seed") if key not in checkpoint]
         if missing:
             raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
@@ -282,7 +313,30 @@ class Checkpointer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         logger.info("Resuming from %s (iteration %d)", path, checkpoint["iteration"])
+        self.last_saved = path
         return checkpoint
+
+    def _load_newest_readable(self, named: str):
+        """``named`` loaded, or else the newest older ``model_*.pth`` that loads (a truncated
+        file, e.g. from a full disk, falls back to the previous good checkpoint)."""
+        candidates = [named] + sorted(
+            (os.path.join(self.output_dir, f) for f in os.listdir(self.output_dir)
+             if f.startswith("model_") and f.endswith(".pth") and os.path.join(self.output_dir, f) != named),
+            key=os.path.getmtime, reverse=True,
+        )  # fmt: skip
+        errors = []
+        for path in candidates:
+            try:
+                checkpoint = load_checkpoint(path)
+            except (OSError, RuntimeError, ValueError, EOFError) as e:
+                errors.append(f"{path}: {e}")
+                logger.warning("Cannot read checkpoint %s (%s); trying an older one", path, e)
+                continue
+            if path != named:
+                logger.warning("%s is unreadable: resuming from the older checkpoint %s", named, path)
+                write_last_checkpoint(self.output_dir, os.path.basename(path))
+            return checkpoint, path
+        raise RuntimeError("no readable checkpoint to resume from in " + self.output_dir + ":\n" + "\n".join(errors))
 
 
 class MetricsWriter:
@@ -371,7 +425,15 @@ def save_config(cfg, path: str) -> None:
 def load_model(cfg, weights: str):
     """The model of ``cfg`` with ``weights`` loaded, in eval mode."""
     model = build_model(cfg)
-    load_weights(model, weights)
+    incompatible = load_weights(model, weights)
+    # Evaluating or predicting with layers left at their initialisation reports the
+    # results of a partly random model as if they were real: refuse.
+    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(
+            f"{weights} does not hold every weight of this model ({len(missing)} missing, e.g. "
+            f"{', '.join(missing[:3])}): evaluation and prediction need a checkpoint trained with this config"
+        )
     return model.eval()
 
 
@@ -418,16 +480,23 @@ def _check_finite(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, itera
     terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
     raise NonFiniteLossError(
         f"Loss became infinite or NaN at iteration {iteration}: total={float(total.detach()):.6g} ({terms}). "
-        "Training stopped before the optimizer step; the last checkpoint is intact. "
+        "Training stopped before the optimizer step; no checkpoint holds weights that gave this loss. "
         "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
     )
 
 
-def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int) -> Dict[str, float]:
-    """One SGD step; returns the loss values. Raises :class:`NonFiniteLossError` before stepping."""
+def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, before_update=None) -> Dict[str, float]:
+    """One SGD step; returns the loss values. Raises :class:`NonFiniteLossError` before stepping.
+
+    ``before_update()`` runs once the loss is known to be finite, before the
+    weights change: the weights are then those the previous step left, proven
+    usable by a finite loss (the engine writes its periodic checkpoints there).
+    """
     loss_dict = model(images, targets)
     total = sum(loss_dict.values())
     _check_finite(loss_dict, total, iteration)
+    if before_update is not None:
+        before_update()
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     clip_gradients(cfg, optimizer)
@@ -469,6 +538,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     data_iter = iter(loader)
     bar = _progress_bar(start_iter, max_iter)
     model.train()
+    pending = _PendingCheckpoint(checkpointer, seed)
     train_start, iteration = time.perf_counter(), start_iter - 1
     try:
         for iteration in range(start_iter, max_iter):
@@ -478,7 +548,11 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
             # Anything random in the step (e.g. the model's size sampling) depends on (seed, iteration) only.
             torch.manual_seed(derive_seed(seed, 2, iteration))
             lr = _lr_of_largest_group(optimizer)
-            values = run_step(cfg, model, optimizer, scheduler, images, targets, iteration)
+            pending.before_forward(model)
+            try:
+                values = run_step(cfg, model, optimizer, scheduler, images, targets, iteration, pending.save)
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(f"{e} {checkpointer.last_good_note()}") from None
             values.update(lr=lr, time=time.perf_counter() - start, data_time=data_time)
             writer.add(iteration, values)
             bar.set_postfix_str(
@@ -486,7 +560,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
                 refresh=False,
             )
             bar.update(1)
-            _after_step(cfg, model, checkpointer, writer, iteration, seed)
+            _after_step(cfg, model, checkpointer, writer, iteration, seed, pending)
     finally:
         bar.close()
         del data_iter  # shuts the workers down
@@ -499,12 +573,37 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
         )
 
 
-def _after_step(cfg, model, checkpointer, writer, iteration: int, seed: int) -> None:
+class _PendingCheckpoint:
+    """A periodic checkpoint of iteration i is written during iteration i + 1, once its loss
+    is finite and before the weights change (so, from weights that still give a finite
+    loss: a step that blew the weights up to 1e15 without NaN yet is never saved)."""
+
+    def __init__(self, checkpointer, seed: int):
+        self.checkpointer, self.seed, self.due, self.buffers = checkpointer, seed, None, None
+
+    def before_forward(self, model) -> None:
+        # A training forward pass updates BatchNorm's running statistics: keep those of
+        # iteration i, so the checkpoint holds exactly the state after iteration i.
+        if self.due is not None:
+            names = {k for k, _ in model.named_buffers()}
+            self.buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+
+    def save(self) -> None:
+        if self.due is not None:
+            name, iteration = self.due
+            self.due = None
+            self.checkpointer.save(name, iteration, self.seed, self.buffers)
+            self.buffers = None
+
+
+
+def _after_step(cfg, model, checkpointer, writer, iteration: int, seed: int, pending: _PendingCheckpoint) -> None:
     next_iter, max_iter = iteration + 1, cfg.SOLVER.MAX_ITER
     if next_iter == max_iter:
+        pending.due = None  # superseded by model_final (no next loss: weights checked for NaN / inf only)
         checkpointer.save("model_final", iteration, seed)
     elif next_iter % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-        checkpointer.save(f"model_{iteration:07d}", iteration, seed)
+        pending.due = (f"model_{iteration:07d}", iteration)
     period = cfg.TEST.EVAL_PERIOD
     if period > 0 and next_iter % period == 0 and next_iter != max_iter and cfg.DATASETS.TEST:
         results = evaluate_all(cfg, model)
@@ -516,7 +615,10 @@ def _check_test_datasets(cfg, class_names: List[str]) -> None:
     """Fail on unknown test dataset names before training; warn when their classes differ."""
     for name in cfg.DATASETS.TEST:
         resolve_dataset(cfg, name, "DATASETS.TEST")
+        safe_folder_name(name)
         names = dataset_class_names(cfg, name)
+        if names is not None and cfg.MODEL.RETINANET.NUM_CLASSES > len(names):
+            check_num_classes(cfg, name, names)  # fails now, not after training
         if names is not None and names != class_names:
             logger.warning("DATASETS.TEST %r has classes %s, the training data %s", name, names, class_names)
 
@@ -532,6 +634,8 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
     cfg.freeze()
     check_cfg(cfg)  # the model's keys: fail before any data is read
     _check_solver(cfg)
+    if not resume:
+        _refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with log_to_file(cfg.OUTPUT_DIR):
         save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
@@ -571,6 +675,16 @@ def _log_learning_curve(output_dir: str) -> None:
     points = evaluation_points(read_metrics(output_dir))
     if len(points) > 1:
         logger.info("Learning curve (%s/metrics.json):\n%s", output_dir, curve_table(points))
+
+
+def _refuse_to_overwrite_a_run(output_dir: str) -> None:
+    """A new run in the folder of another would mix their checkpoints and erase its history."""
+    left = [f for f in ("last_checkpoint", "metrics.json", "model_final.pth") if os.path.exists(os.path.join(output_dir, f))]
+    if left:
+        raise FileExistsError(
+            f"OUTPUT_DIR {output_dir} already holds a training run ({', '.join(left)}). Continue it with "
+            "--resume, or start the new run in another OUTPUT_DIR (or delete the old one yourself)."
+        )
 
 
 def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:

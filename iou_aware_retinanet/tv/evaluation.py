@@ -159,12 +159,42 @@ def format_metrics_table(metrics: Dict[str, float], dataset_name: str = "") -> s
     return text
 
 
+def safe_folder_name(dataset_name: str) -> str:
+    """``dataset_name`` if it can name a folder inside OUTPUT_DIR/inference, else a ValueError.
+
+    Dataset names become folder names: ``..``, a path separator or an absolute
+    path would write outside OUTPUT_DIR or over the run's own files.
+    """
+    bad = (
+        not dataset_name or dataset_name in (".", "..") or os.sep in dataset_name
+        or (os.altsep and os.altsep in dataset_name) or "\x00" in dataset_name
+    )  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"dataset name {dataset_name!r} cannot name its results folder OUTPUT_DIR/inference/<name>: "
+            "use a name without '/', and not '.' or '..'"
+        )
+    return dataset_name
+
+
+def check_num_classes(cfg, dataset_name: str, category_ids: Sequence[int]) -> None:
+    """A model with more classes than the dataset has categories cannot be evaluated on it."""
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    if num_classes > len(category_ids):
+        raise ValueError(
+            f"MODEL.RETINANET.NUM_CLASSES={num_classes} but dataset {dataset_name!r} has {len(category_ids)} "
+            f"categories: detections of classes {len(category_ids)}..{num_classes - 1} would have no category. "
+            "Set MODEL.RETINANET.NUM_CLASSES to the number of categories."
+        )
+
+
 def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None, batch_size: int = 1) -> EvaluationResult:
     """Run ``model`` on ``dataset_name``, write the results and metrics json files, log the AP table."""
     if output_dir is None:
-        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", safe_folder_name(dataset_name))
     loader = build_test_loader(cfg, dataset_name, batch_size=batch_size)
     data = loader.data
+    check_num_classes(cfg, dataset_name, data.category_ids)
     logger.info("Evaluating %s (%d images)", dataset_name, len(data))
     detections = inference_on_dataset(model, loader, data.category_ids)
     atomic_write_json(os.path.join(output_dir, "coco_instances_results.json"), detections)

@@ -314,7 +314,7 @@ class IoUAwareRetinaNet(RetinaNet):
         # Statistics of the step that are not losses (the engine logs them).
         self.training_metrics = {}
         if entropy is not None:
-            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"] - (entropy / normalizer).mean())
+            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - (entropy / normalizer).mean())
         return losses
 
     @torch.no_grad()

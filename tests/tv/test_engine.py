@@ -100,10 +100,10 @@ def test_kill_and_resume_gives_identical_weights(straight_run, tmp_path, monkeyp
     cfg = tiny_cfg(tmp_path, **{"DATASETS.TEST": "()", "DATALOADER.NUM_WORKERS": 1})
     real_step = engine.run_step
 
-    def killed_at_4(cfg_, model, optimizer, scheduler, images, targets, iteration):
+    def killed_at_4(cfg_, model, optimizer, scheduler, images, targets, iteration, *args):
         if iteration == 4:
             raise KeyboardInterrupt
-        return real_step(cfg_, model, optimizer, scheduler, images, targets, iteration)
+        return real_step(cfg_, model, optimizer, scheduler, images, targets, iteration, *args)
 
     monkeypatch.setattr(engine, "run_step", killed_at_4)
     with pytest.raises(KeyboardInterrupt):
@@ -398,7 +398,7 @@ def test_images_without_annotations_train(tmp_path):
     cfg = _own_dataset_cfg(tmp_path, json_file, image_root, **{"DATALOADER.FILTER_EMPTY_ANNOTATIONS": False})
     engine.train(cfg)
     assert os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
-    cfg = _own_dataset_cfg(tmp_path, json_file, image_root)  # FILTER_EMPTY_ANNOTATIONS True: nothing left
+    cfg = _own_dataset_cfg(tmp_path, json_file, image_root, OUTPUT_DIR=str(tmp_path / "filtered"))  # nothing left
     with pytest.raises(ValueError, match="no training images left"):
         engine.train(cfg)
 

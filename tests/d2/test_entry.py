@@ -1,0 +1,71 @@
+"""The Detectron2 entry points' guarantees: safe YAML, no unrequested pickle, no random-weight
+evaluation, no overwritten inputs (iou_aware_retinanet.d2.entry, train_net.py, the demo)."""
+import os
+import runpy
+
+import cv2
+import numpy as np
+import pytest
+
+from .helpers import D2_MISSING_REASON, REPO
+
+pytest.importorskip("detectron2", reason=D2_MISSING_REASON)
+
+from iou_aware_retinanet import demo  # noqa: E402
+from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg  # noqa: E402
+
+SHAPES = os.path.join(REPO, "configs", "Shapes", "iou_aware_retinanet.yaml")
+
+
+def test_python_tags_in_a_config_are_refused_and_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(
+        f'_BASE_: "{SHAPES}"\n'
+        f"OUTPUT_DIR: !!python/object/apply:os.system [\"touch {marker}\"]\n"
+    )
+    with pytest.raises(Exception, match="python/object/apply|could not determine a constructor"):
+        setup_project_cfg(str(evil))
+    assert not marker.exists()
+
+
+def test_shipped_config_loads_safely_and_ints_fill_float_keys():
+    cfg = setup_project_cfg(SHAPES, ["SOLVER.BASE_LR", "1"])
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.MODEL.META_ARCHITECTURE == "IoUAwareRetinaNet"
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        setup_project_cfg("nope.yaml")
+
+
+def test_pickle_weights_need_an_explicit_opt_in():
+    with pytest.raises(ValueError, match="--allow-pickle"):
+        check_weights_file("R-50.pkl")
+    check_weights_file("R-50.pkl", allow_pickle=True)
+    check_weights_file("model_final.pth")
+    check_weights_file("")
+
+
+def test_eval_only_refuses_random_weights(tmp_path):
+    cfg = setup_project_cfg(SHAPES, ["OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(ValueError, match="randomly initialised"):
+        check_eval_weights(cfg)
+    train_net = runpy.run_path(os.path.join(REPO, "train_net.py"), run_name="train_net")
+    args = train_net["get_parser"]().parse_args(["--config-file", SHAPES, "--eval-only", "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(ValueError, match="randomly initialised"):
+        train_net["main"](args)
+    args = train_net["get_parser"]().parse_args(["--config-file", SHAPES, "MODEL.WEIGHTS", "x.pkl", "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(ValueError, match="pickle"):
+        train_net["main"](args)
+
+
+def test_demo_refuses_to_overwrite_its_input(tmp_path):
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), np.full((40, 50, 3), 128, np.uint8))
+    original = image.read_bytes()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")  # never read: the check comes first
+    for output in (str(tmp_path), str(image)):
+        with pytest.raises(FileExistsError, match="overwrite the input image"):
+            demo.main(["--config-file", SHAPES, "--input", str(image), "--output", output,
+                       "--opts", "MODEL.WEIGHTS", str(weights)])  # fmt: skip
+    assert image.read_bytes() == original
