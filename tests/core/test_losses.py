@@ -184,3 +184,18 @@ def test_iou_loss_value_does_not_depend_on_the_switch():
     on, *_ = run_losses(LossConfig(iou_target_gradient=True))
     off, *_ = run_losses(LossConfig(iou_target_gradient=False))
     torch.testing.assert_close(on["loss_iou"], off["loss_iou"])
+
+
+def test_iou_target_entropy_is_the_floor_of_the_iou_loss():
+    """BCE(p, t) = H(t) + KL(t || p) >= H(t): the entropy of the targets, per image, by hand."""
+    from iou_aware_retinanet.core.losses import IOU_TARGET_ENTROPY
+
+    for seed in range(5):
+        losses, assignments, _, box_deltas, iou_logits = run_losses(LossConfig(iou_loss_weight=2.0), seed=seed)
+        anchor_idx, matched_boxes = foreground_of(assignments[0])
+        decoded = BoxCoder().apply_deltas(box_deltas[0, anchor_idx], ANCHORS.boxes[anchor_idx])
+        t = torch.diag(box_iou(decoded, matched_boxes))
+        entropy = -(t * t.log() + (1 - t) * (1 - t).log()).sum()
+        torch.testing.assert_close(losses[IOU_TARGET_ENTROPY], torch.stack([2.0 * entropy, torch.tensor(0.0)]))
+        assert bool((losses["loss_iou"] >= losses[IOU_TARGET_ENTROPY] - 1e-6).all())
+        assert not losses[IOU_TARGET_ENTROPY].requires_grad
