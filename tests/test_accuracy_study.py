@@ -147,3 +147,17 @@ def test_tiny_study_end_to_end(tmp_path, monkeypatch):
     accuracy.main(["--configs", "iou_aware", "--seeds", "0", "--iters", "10", "--output-dir", str(out),
                    "DATASETS.TEST", "('shapes_mini_val',)"])  # fmt: skip
     assert (out / "runs" / "iou_aware" / "seed0" / "model_final.pth").stat().st_mtime == mtime
+
+
+def test_only_trained_evaluates_what_exists_and_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("IOU_AWARE_RETINANET_DATASETS", str(tmp_path / "datasets"))
+    out = tmp_path / "study"
+    opts = ["DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_val',)",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    accuracy.main(["--configs", "retinanet", "--seeds", "0", "--iters", "10", "--output-dir", str(out), *opts])
+    summary = accuracy.main(["--configs", "retinanet", "--seeds", "0", "3", "--iters", "10", "--only-trained",
+                             "--output-dir", str(out), *opts])  # fmt: skip
+    assert summary["missing"] == ["retinanet/seed3"]
+    assert list(summary["rows"]["retinanet"]["per_seed"]) == [0]
+    assert not (out / "runs" / "retinanet" / "seed3").exists()
+    assert "Not trained yet" in (out / "accuracy.md").read_text()

@@ -392,11 +392,15 @@ def run_study(args) -> dict:
     start = time.perf_counter()
     rows: "OrderedDict[str, dict]" = OrderedDict()
     panels, datasets = [], []
-    calibration, train_seconds = None, OrderedDict()
+    calibration, train_seconds, missing = None, OrderedDict(), []
     eval_logger = logging.getLogger("iou_aware_retinanet.tv.evaluation")
     for name in names:
         for seed_index, seed in enumerate(seeds):
             cfg = study_cfg(name, seed, args.iters, out, args.opts, Path(args.config_dir))
+            if args.only_trained and not os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth")):
+                logger.info("%s seed %d: not trained yet, left out (--only-trained)", name, seed)
+                missing.append(f"{name}/seed{seed}")
+                continue
             weights = train_or_reuse(cfg)
             model = load_model(cfg, weights)
             dataset = cfg.DATASETS.TEST[0]
@@ -453,6 +457,8 @@ def run_study(args) -> dict:
         png = str(out / "calibration.png")
         plot_calibration(calibration, png)
         report += ["", calibration_text(calibration) + f" (plot: {png})"]
+    if missing:
+        report += ["", f"Not trained yet, left out of every table (--only-trained): {', '.join(missing)}"]
     trained = [v for v in train_seconds.values() if v is not None]
     report += [
         "",
@@ -469,7 +475,7 @@ def run_study(args) -> dict:
         "rows": rows,
         "correlation": [{k: v for k, v in p.items() if k not in ("iou_eval", "confidence")} for p in panels],
         "calibration": calibration and {k: v for k, v in calibration.items() if k not in ("predicted", "true")},
-        "training_seconds": train_seconds,
+        "training_seconds": train_seconds, "missing": missing,
     }  # fmt: skip
     (out / "accuracy.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary
@@ -608,6 +614,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {', '.join(TRAINED)}")
     parser.add_argument("--iters", type=int, default=3000, help="training iterations per model (default 3000: the full study in < 2 h with two processes)")
+    parser.add_argument("--only-trained", action="store_true",
+                        help="evaluate the models already trained; train nothing (the others are listed as missing)")
     parser.add_argument("--max-samples", type=int, default=10000, help="detections per correlation panel")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="output/study/accuracy")
