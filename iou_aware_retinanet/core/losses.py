@@ -5,6 +5,7 @@ normalizer (Detectron2: an EMA of the number of foreground anchors in the
 batch; torchvision: each image's own foreground count), so both front-ends can
 reproduce their upstream RetinaNet exactly.
 """
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -20,6 +21,8 @@ from torchvision.ops import (
 
 from .assigners import Assignment
 from .boxes import aligned_box_iou
+
+logger = logging.getLogger(__name__)
 
 BOX_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
 # Key of dense_detection_losses' per-image entropy of the IoU targets (a statistic, not a loss).
@@ -221,3 +224,17 @@ def _gather_matched_boxes(gt_boxes, img_idx, gt_idx, like: Tensor) -> Tensor:
 
 def _sum_per_image(values: Tensor, img_idx: Tensor, num_images: int) -> Tensor:
     return values.new_zeros(num_images).index_add(0, img_idx, values)
+
+
+def warn_if_no_positives(num_foreground: Tensor, num_gt_per_image: Sequence[int], assigner: str) -> bool:
+    """Warn when a batch with ground truth got no positive anchor at all (e.g. HAMBox's
+    single 0.35 threshold on tiny objects): its box and IoU losses are then zero, and
+    only the classification loss, all background, trains. Returns whether it warned."""
+    if int(num_foreground.sum()) == 0 and sum(int(n) for n in num_gt_per_image) > 0:
+        logger.warning(
+            "no positive anchor in a batch with %d GT boxes (assigner %s): only background is trained on it; "
+            "objects smaller than the anchors can need another assigner or smaller anchor sizes",
+            sum(int(n) for n in num_gt_per_image), assigner,
+        )
+        return True
+    return False

@@ -5,6 +5,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils import comm
 
 from ..data.builtin import ensure_generated, register_builtin_datasets
+from ..data.coco import load_coco_detection
 
 
 def register_config_datasets(cfg) -> None:
@@ -22,11 +23,37 @@ def register_config_datasets(cfg) -> None:
             if (known.get("json_file"), known.get("image_root")) != (json_file, image_root):
                 raise ValueError(f"dataset {name!r} is already registered with other files")
             continue
+        # The project's checked reader first: a malformed json, missing images or bad
+        # boxes get errors / counts naming the file, not a raw JSONDecodeError or a
+        # silent drop inside Detectron2's loader.
+        data = load_coco_detection(json_file, image_root)
         register_coco_instances(name, {}, json_file, image_root)
+        MetadataCatalog.get(name).set(thing_classes=list(data.class_names))
     # One process per machine writes the files; the others wait for it.
     if comm.get_local_rank() == 0:
         ensure_generated(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     comm.synchronize()
+    check_num_classes(cfg)
+
+
+def check_num_classes(cfg) -> None:
+    """``MODEL.RETINANET.NUM_CLASSES`` against the categories of the train and test datasets."""
+    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in names:
+            classes = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
+            if classes is None:
+                continue  # known only once loaded (e.g. Detectron2's own COCO names: 80)
+            if len(classes) > num_classes:
+                raise ValueError(
+                    f"{key} {name!r} has {len(classes)} categories but MODEL.RETINANET.NUM_CLASSES is "
+                    f"{num_classes}: set MODEL.RETINANET.NUM_CLASSES {len(classes)}"
+                )
+            if key == "DATASETS.TEST" and len(classes) < num_classes:
+                raise ValueError(
+                    f"MODEL.RETINANET.NUM_CLASSES={num_classes} but {key} {name!r} has {len(classes)} categories: "
+                    "detections of the extra classes would have no category in the evaluation"
+                )
 
 
 register_builtin_datasets()

@@ -31,7 +31,7 @@ from ..core import (
     dense_detection_losses,
     postprocess_image,
 )
-from ..core.losses import IOU_TARGET_ENTROPY
+from ..core.losses import IOU_TARGET_ENTROPY, warn_if_no_positives
 
 __all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead"]
 
@@ -200,7 +200,9 @@ class IoUAwareRetinaNet(RetinaNet):
             box_coder=self.box2box_transform,
             config=self.loss_config,
         )
-        num_pos_anchors = per_image.pop("num_foreground").sum().item()
+        num_foreground = per_image.pop("num_foreground")
+        warn_if_no_positives(num_foreground, [len(inst) for inst in gt_instances], type(self.assigner).__name__)
+        num_pos_anchors = num_foreground.sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / len(assignments))
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)

@@ -333,6 +333,11 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"image file {record.file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
                 f"annotations say {record.height} x {record.width}"
+                + (
+                    " (the sizes are swapped: the file probably has an EXIF orientation, which the reader "
+                    "applies; annotate the rotated image, or strip the EXIF orientation)"
+                    if rgb.shape[:2] == (record.width, record.height) else ""
+                )
             )
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
         target = {

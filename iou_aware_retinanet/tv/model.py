@@ -52,7 +52,7 @@ from ..core import (
     dense_detection_losses,
     postprocess_image,
 )
-from ..core.losses import IOU_TARGET_ENTROPY
+from ..core.losses import IOU_TARGET_ENTROPY, warn_if_no_positives
 from .anchors import AnchorGenerator, build_anchor_generator
 from .backbone import build_backbone, get_norm
 from .config import check_cfg
@@ -308,7 +308,9 @@ class IoUAwareRetinaNet(RetinaNet):
             box_coder=self.box_coder,
             config=self.loss_config,
         )
-        normalizer = per_image.pop("num_foreground").clamp(min=1).to(cls_logits.dtype)
+        num_foreground = per_image.pop("num_foreground")
+        warn_if_no_positives(num_foreground, [len(t["boxes"]) for t in targets], type(self.assigner).__name__)
+        normalizer = num_foreground.clamp(min=1).to(cls_logits.dtype)
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
         losses = {name: (loss / normalizer).mean() for name, loss in per_image.items()}
         # Statistics of the step that are not losses (the engine logs them).

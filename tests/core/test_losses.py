@@ -199,3 +199,13 @@ def test_iou_target_entropy_is_the_floor_of_the_iou_loss():
         torch.testing.assert_close(losses[IOU_TARGET_ENTROPY], torch.stack([2.0 * entropy, torch.tensor(0.0)]))
         assert bool((losses["loss_iou"] >= losses[IOU_TARGET_ENTROPY] - 1e-6).all())
         assert not losses[IOU_TARGET_ENTROPY].requires_grad
+
+
+def test_a_batch_with_gt_but_no_positive_is_reported(caplog):
+    from iou_aware_retinanet.core.losses import warn_if_no_positives
+
+    with caplog.at_level("WARNING"):
+        assert warn_if_no_positives(torch.tensor([0, 0]), [3, 0], "HAMBoxAssigner")
+    assert "no positive anchor in a batch with 3 GT boxes (assigner HAMBoxAssigner)" in caplog.text
+    assert not warn_if_no_positives(torch.tensor([0, 0]), [0, 0], "x")  # no GT: nothing to say
+    assert not warn_if_no_positives(torch.tensor([2, 0]), [3, 1], "x")

@@ -69,3 +69,26 @@ def test_demo_refuses_to_overwrite_its_input(tmp_path):
             demo.main(["--config-file", SHAPES, "--input", str(image), "--output", output,
                        "--opts", "MODEL.WEIGHTS", str(weights)])  # fmt: skip
     assert image.read_bytes() == original
+
+
+def test_config_datasets_are_checked_before_detectron2_reads_them(tmp_path):
+    from iou_aware_retinanet.d2 import register_config_datasets
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    cfg = setup_project_cfg(SHAPES, ["OUTPUT_DIR", str(tmp_path)], freeze=False)
+    cfg.DATASETS.COCO_INSTANCES = [["bad_json", str(bad), str(tmp_path)]]
+    with pytest.raises(ValueError, match="bad.json"):
+        register_config_datasets(cfg)
+
+
+def test_num_classes_is_checked_against_the_datasets(tmp_path):
+    from iou_aware_retinanet.d2.datasets import check_num_classes
+
+    cfg = setup_project_cfg(SHAPES, ["MODEL.RETINANET.NUM_CLASSES", "3"])  # shapes has 4
+    with pytest.raises(ValueError, match="MODEL.RETINANET.NUM_CLASSES 4"):
+        check_num_classes(cfg)
+    cfg = setup_project_cfg(SHAPES, ["MODEL.RETINANET.NUM_CLASSES", "6"])
+    with pytest.raises(ValueError, match="NUM_CLASSES=6 but DATASETS.TEST 'shapes_val' has 4 categories"):
+        check_num_classes(cfg)
+    check_num_classes(setup_project_cfg(SHAPES))
