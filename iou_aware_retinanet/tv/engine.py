@@ -52,7 +52,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
-from .data import dataset_class_names, derive_seed, load_train_records, resolve_dataset, build_train_loader
+from ..data.coco import read_image_rgb
+from .data import dataset_class_names, derive_seed, load_dataset, load_train_records, resolve_dataset, build_train_loader
 from .evaluation import EvaluationResult, check_num_classes, curve_table, safe_folder_name, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
 from .model import build_model
@@ -621,6 +622,18 @@ def _check_test_datasets(cfg, class_names: List[str]) -> None:
             check_num_classes(cfg, name, names)  # fails now, not after training
         if names is not None and names != class_names:
             logger.warning("DATASETS.TEST %r has classes %s, the training data %s", name, names, class_names)
+        _check_images_decode(load_dataset(cfg, name, "DATASETS.TEST"), name)
+
+
+def _check_images_decode(data, name: str) -> None:
+    """Decode every test image once before training: a corrupt file fails now, not after the run."""
+    start = time.perf_counter()
+    for record in data.records:
+        try:
+            read_image_rgb(record.file_name)
+        except OSError as e:
+            raise OSError(f"DATASETS.TEST {name!r}: {e} (checked before training)") from None
+    logger.info("Checked %d images of %s in %.1f s", len(data.records), name, time.perf_counter() - start)
 
 
 def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, float]]]":

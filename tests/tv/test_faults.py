@@ -160,3 +160,17 @@ def test_predict_refuses_to_overwrite_its_inputs(finished_run, tmp_path):
     # A folder as --input: every image in it.
     coco = main(["predict", "--config-file", SHAPES_CONFIG, "--input", str(folder), "--output", str(tmp_path / "drawn"), *opts])
     assert len(coco["images"]) == len([f for f in os.listdir(folder) if f.endswith(".png")])
+
+
+def test_corrupt_test_image_fails_before_training(tmp_path):
+    from iou_aware_retinanet.data.builtin import builtin_dataset_paths
+
+    json_file, image_root = builtin_dataset_paths("shapes_mini_val")
+    images = tmp_path / "val_images"
+    shutil.copytree(image_root, images)
+    (images / "000003.png").write_bytes(b"not a png")
+    cfg = tiny_cfg(tmp_path / "out", **{"DATASETS.COCO_INSTANCES": repr([["broken_val", json_file, str(images)]]),
+                                         "DATASETS.TEST": "('broken_val',)"})  # fmt: skip
+    with pytest.raises(OSError, match=r"broken_val.*000003.png.*before training"):
+        engine.train(cfg)
+    assert not os.path.exists(tmp_path / "out" / "model_final.pth")
