@@ -15,6 +15,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from iou_aware_retinanet.d2 import register_config_datasets
+from iou_aware_retinanet.d2.datasets import check_num_classes
 from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 
 
@@ -36,6 +37,7 @@ def setup(args):
     # DATASETS.COCO_INSTANCES, and the built-in datasets generated before
     # COCOEvaluator looks for their json file.
     register_config_datasets(cfg)
+    check_num_classes(cfg)  # MODEL.RETINANET.NUM_CLASSES against the datasets, before any training
     return cfg
 
 

@@ -33,7 +33,6 @@ def register_config_datasets(cfg) -> None:
     if comm.get_local_rank() == 0:
         ensure_generated(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     comm.synchronize()
-    check_num_classes(cfg)
 
 
 def check_num_classes(cfg) -> None:

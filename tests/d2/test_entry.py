@@ -92,3 +92,13 @@ def test_num_classes_is_checked_against_the_datasets(tmp_path):
     with pytest.raises(ValueError, match="NUM_CLASSES=6 but DATASETS.TEST 'shapes_val' has 4 categories"):
         check_num_classes(cfg)
     check_num_classes(setup_project_cfg(SHAPES))
+
+
+def test_train_net_checks_num_classes_before_training(tmp_path):
+    train_net = runpy.run_path(os.path.join(REPO, "train_net.py"), run_name="train_net")
+    args = train_net["get_parser"]().parse_args(
+        ["--config-file", SHAPES, "MODEL.RETINANET.NUM_CLASSES", "2", "OUTPUT_DIR", str(tmp_path / "out")]
+    )
+    with pytest.raises(ValueError, match="set MODEL.RETINANET.NUM_CLASSES 4"):
+        train_net["main"](args)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
