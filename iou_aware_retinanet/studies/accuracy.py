@@ -2,7 +2,7 @@
 
     python -m iou_aware_retinanet.studies.accuracy            # full: 8 trained configs x 3 seeds
     python -m iou_aware_retinanet.studies.accuracy --quick    # baseline vs IoU-aware, 1 seed
-    python -m iou_aware_retinanet.studies.accuracy [--seeds 0 1 2] [--iters 900] \\
+    python -m iou_aware_retinanet.studies.accuracy [--seeds 0 1 2] [--iters 3000] [--only-trained] \\
         [--configs retinanet iou_aware ...] [--threads N] [--output-dir output/study/accuracy] [KEY VALUE ...]
 
 On the torchvision front-end (no Detectron2 needed), from the Shapes configs
@@ -25,9 +25,20 @@ S with IoU_truth; Pearson and Spearman are printed and a scatter plot (one
 panel per scoring) is written to ``correlation.png`` (needs matplotlib: the
 ``analysis`` extra).
 
+Differences to the baseline RetinaNet are paired by seed (same data order,
+flips and shared-layer initialisation): per-seed deltas of AP, AP75 and AP90
+(COCOeval precision at IoU 0.9), their mean ± std (SE), and a verdict: *wins*
+or *loses* only where |mean| > 2 SE. The correlation panels are repeated for
+the detections whose class matches a GT they overlap at IoU >= 0.5. The IoU
+branch's calibration (predicted vs true IoU of every positive anchor of the
+validation images) and ``loss_iou`` minus the entropy of its targets during
+training (``loss_iou_minus_entropy`` in metrics.json) go to ``calibration.png``.
+
 Trained models are kept under ``OUTPUT_DIR/runs/<config>/seed<k>``; a rerun
-reuses every ``model_final.pth`` it finds (delete the folder to retrain).
-Everything printed is also written to ``accuracy.md`` and ``accuracy.json``.
+reuses every ``model_final.pth`` it finds (delete the folder to retrain) and
+resumes a half-trained model from its last checkpoint; ``--only-trained``
+evaluates what is there and trains nothing. Everything printed is also
+written to ``accuracy.md`` and ``accuracy.json``.
 """
 import argparse
 import json
