@@ -37,6 +37,14 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # (benchmarks/trained_inference.py, README "Inference cost").
     cfg.MODEL.IOU_AWARE.THRESHOLD_ON = "cls"
 
+    # How the summed losses are normalized: "" is the front-end's own framework
+    # convention; "torchvision" divides each image's losses by its positives and
+    # averages over images (torchvision's RetinaNet); "detectron2" divides the
+    # batch's sum by a moving average (momentum 0.9, start 100) of the batch's
+    # positives (Detectron2's RetinaNet). The Detectron2 front-end takes "" or
+    # "detectron2" only.
+    cfg.MODEL.LOSS_NORMALIZER = ""
+
     # Label assignment, replacing RetinaNet's Matcher.
     cfg.MODEL.ASSIGNER = CN()
     cfg.MODEL.ASSIGNER.NAME = "max_iou"
@@ -158,3 +166,18 @@ def ints_as_floats(cfg, opts: Sequence[str]) -> List[str]:
         if isinstance(node, float) and isinstance(value, int) and not isinstance(value, bool):
             out[i + 1] = str(float(value))
     return out
+
+
+LOSS_NORMALIZERS = ("", "torchvision", "detectron2")
+
+
+def loss_normalizer_from_cfg(cfg, frontend: str) -> str:
+    """``MODEL.LOSS_NORMALIZER`` resolved for ``frontend`` ("torchvision" or "detectron2")."""
+    value = cfg.MODEL.LOSS_NORMALIZER
+    allowed = LOSS_NORMALIZERS if frontend == "torchvision" else ("", "detectron2")
+    if value not in allowed:
+        raise ValueError(
+            f"MODEL.LOSS_NORMALIZER={value!r} is not supported by the {frontend} front-end; "
+            f"valid choices: {', '.join(repr(v) for v in allowed)}"
+        )
+    return value or frontend

@@ -19,7 +19,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet, RetinaNetHead
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_config_from_cfg
+from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_config_from_cfg, loss_normalizer_from_cfg
 from ..core import (
     AnchorSet,
     Assigner,
@@ -110,6 +110,7 @@ class IoUAwareRetinaNet(RetinaNet):
         ret["num_anchors_per_location"] = ret["anchor_generator"].num_cell_anchors[0]
         ret["assigner"] = build_assigner_from_cfg(cfg)
         ret["loss_config"] = loss_config_from_cfg(cfg)
+        loss_normalizer_from_cfg(cfg, "detectron2")  # Detectron2's EMA normalizer is the only one here
         ret["inference_config"] = inference_config_from_cfg(cfg)
         return ret
 

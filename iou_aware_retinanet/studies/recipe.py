@@ -115,6 +115,11 @@ PROBES: List[Probe] = [
     _p("x_v128nc_lr08", "LR 0.08; no distractors", *SHORT, *LR08, data="v128_noclutter"),
     _p("x_v128nc_cos", "LR 0.04, cosine schedule; no distractors", *SHORT, *LR04, *COSINE, data="v128_noclutter"),
     _p("x_v128nc_p35", "LR 0.04, P3-P5 only (3 levels); no distractors", *SHORT, *LR04, *P3_P5, data="v128_noclutter"),
+    # After the main job: the loss normalizer, at the accuracy study's schedule (3,000 iterations), on the
+    # default data; compare with the study's runs/iou_aware/seed0 (torchvision's per-image normalizer).
+    _p("x_shapes_3k_d2norm", "3,000 iterations (study schedule), Detectron2's loss normalizer", *S128,
+       "SOLVER.MAX_ITER", 3000, "SOLVER.STEPS", "(2100, 2700)", "SOLVER.WARMUP_ITERS", 300, "SOLVER.CHECKPOINT_PERIOD", 1000,
+       "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", *LR04, "MODEL.LOSS_NORMALIZER", "detectron2", data="shapes"),
 ]
 
 

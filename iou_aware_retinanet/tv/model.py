@@ -38,7 +38,7 @@ from torchvision.models.detection.retinanet import (
 )
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_config_from_cfg
+from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_config_from_cfg, loss_normalizer_from_cfg
 from ..core import (
     AnchorSet,
     Assigner,
@@ -195,6 +195,7 @@ class IoUAwareRetinaNet(RetinaNet):
         loss_config: Optional[LossConfig] = None,
         inference_config: Optional[InferenceConfig] = None,
         box_coder: Optional[BoxCoder] = None,
+        loss_normalizer: str = "torchvision",
         **kwargs,
     ):
         if head is None:
@@ -228,6 +229,13 @@ class IoUAwareRetinaNet(RetinaNet):
         self.box_coder = box_coder or BoxCoder()
         # Eval mode returns DenseOutputs instead of detections (analysis only).
         self.return_dense_outputs = False
+        if loss_normalizer not in ("torchvision", "detectron2"):
+            raise ValueError(f"loss_normalizer must be 'torchvision' or 'detectron2', got {loss_normalizer!r}")
+        self.loss_normalizer = loss_normalizer
+        if loss_normalizer == "detectron2":
+            # Detectron2's EMA of the positives per batch; a buffer, so checkpoints and an
+            # exact resume carry it.
+            self.register_buffer("loss_normalizer_ema", torch.tensor(100.0, dtype=torch.float64))
 
     @property
     def iou_aware(self) -> bool:
@@ -310,13 +318,27 @@ class IoUAwareRetinaNet(RetinaNet):
         )
         num_foreground = per_image.pop("num_foreground")
         warn_if_no_positives(num_foreground, [len(t["boxes"]) for t in targets], type(self.assigner).__name__)
-        normalizer = num_foreground.clamp(min=1).to(cls_logits.dtype)
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
-        losses = {name: (loss / normalizer).mean() for name, loss in per_image.items()}
+        if self.loss_normalizer == "detectron2":
+            # Batch sum / EMA of the batch's positives (Detectron2's RetinaNet.losses).
+            ema = self.loss_normalizer_ema
+            ema.mul_(0.9).add_(0.1 * max(float(num_foreground.sum()), 1.0))
+            normalizer = float(ema)
+
+            def normalize(values):
+                return values.sum() / normalizer
+        else:
+            # Each image by its own positives, then the mean over images (torchvision).
+            per_image_normalizer = num_foreground.clamp(min=1).to(cls_logits.dtype)
+
+            def normalize(values):
+                return (values / per_image_normalizer).mean()
+
+        losses = {name: normalize(loss) for name, loss in per_image.items()}
         # Statistics of the step that are not losses (the engine logs them).
         self.training_metrics = {}
         if entropy is not None:
-            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - (entropy / normalizer).mean())
+            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - normalize(entropy))
         return losses
 
     @torch.no_grad()
@@ -464,5 +486,6 @@ def build_model(cfg) -> IoUAwareRetinaNet:
         loss_config=loss_config_from_cfg(cfg),
         inference_config=inference_config_from_cfg(cfg, clip_to_image=True),
         box_coder=BoxCoder(weights=tuple(cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS)),
+        loss_normalizer=loss_normalizer_from_cfg(cfg, "torchvision"),
     )
     return model.to(device)

@@ -102,3 +102,12 @@ def test_train_net_checks_num_classes_before_training(tmp_path):
     with pytest.raises(ValueError, match="set MODEL.RETINANET.NUM_CLASSES 4"):
         train_net["main"](args)
     assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def test_detectron2_front_end_has_only_its_own_loss_normalizer():
+    from detectron2.modeling import build_model
+
+    cfg = setup_project_cfg(SHAPES, ["MODEL.LOSS_NORMALIZER", "torchvision"])
+    with pytest.raises(ValueError, match="MODEL.LOSS_NORMALIZER='torchvision' is not supported by the detectron2"):
+        build_model(cfg)
+    build_model(setup_project_cfg(SHAPES, ["MODEL.LOSS_NORMALIZER", "detectron2"]))

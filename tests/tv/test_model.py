@@ -264,3 +264,41 @@ def test_training_reduces_the_loss():
         first = first if first is not None else total
         optimizer.step()
     assert total < 0.7 * first
+
+
+def test_detectron2_loss_normalizer_by_hand():
+    """MODEL.LOSS_NORMALIZER "detectron2": the batch's summed losses over an EMA of its positives
+    (0.9 * 100 + 0.1 * N at the first step); "torchvision": each image by its own positives, averaged."""
+    from iou_aware_retinanet.core import dense_detection_losses as real_losses
+    from iou_aware_retinanet.tv import model as tv_model
+
+    images, targets = random_inputs(num_images=2, num_gt=(3, 1))
+    captured = {}
+
+    def spy(**kwargs):
+        out = real_losses(**kwargs)
+        captured.update({k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    results = {}
+    for normalizer in ("torchvision", "detectron2"):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(["MODEL.LOSS_NORMALIZER", normalizer]))
+        model.train()
+        tv_model.dense_detection_losses, saved = spy, tv_model.dense_detection_losses
+        try:
+            results[normalizer] = {k: v.detach() for k, v in model(images, targets).items()}
+        finally:
+            tv_model.dense_detection_losses = saved
+        per_image, num_fg = dict(captured), captured["num_foreground"].double()
+        for name in ("loss_cls", "loss_box_reg", "loss_iou"):
+            if normalizer == "detectron2":
+                expected = per_image[name].double().sum() / (0.9 * 100.0 + 0.1 * float(num_fg.sum()))
+            else:
+                expected = (per_image[name].double() / num_fg.clamp(min=1)).mean()
+            torch.testing.assert_close(results[normalizer][name].double(), expected, rtol=1e-5, atol=1e-7)
+        if normalizer == "detectron2":
+            assert float(model.loss_normalizer_ema) == pytest.approx(90.0 + 0.1 * float(num_fg.sum()))
+            assert "loss_normalizer_ema" in model.state_dict()  # checkpointed: exact resume
+    with pytest.raises(ValueError, match="MODEL.LOSS_NORMALIZER='mean'"):
+        build_model(tiny_cfg(["MODEL.LOSS_NORMALIZER", "mean"]))
