@@ -11,15 +11,25 @@ through Detectron2's ``launch`` (DDP).
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator
 
 from iou_aware_retinanet.d2 import register_config_datasets
-from iou_aware_retinanet.d2.datasets import check_num_classes
+from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper, check_num_classes
 from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 
 
 class Trainer(DefaultTrainer):
+    # Data loaders whose errors name the image file (a truncated image, say).
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=FileNamingDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False))
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:

@@ -268,11 +268,13 @@ def build_named_model(setting: Setting, name: str) -> nn.Module:
 
 
 def copy_weights(state: Dict[str, Tensor], model: nn.Module) -> None:
-    """Load ``state``; only the IoU branch may be left over (branch-off models lack it)."""
+    """Load ``state``; only the IoU branch may be left over (branch-off models lack it), and the
+    loss normalizer's moving average (a training statistic: stock torchvision has none)."""
     result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("head.iou_pred.")]
-    if result.missing_keys or unexpected:
-        raise RuntimeError(f"weights do not fit: missing {result.missing_keys}, unexpected {unexpected}")
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("head.iou_pred.") and k != "loss_normalizer_ema"]
+    missing = [k for k in result.missing_keys if k != "loss_normalizer_ema"]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
 
 
 def load_model(setting: Setting, name: str, state: Dict[str, Tensor]) -> nn.Module:

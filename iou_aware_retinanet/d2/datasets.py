@@ -56,3 +56,19 @@ def check_num_classes(cfg) -> None:
 
 
 register_builtin_datasets()
+
+
+class FileNamingDatasetMapper:
+    """Detectron2's ``DatasetMapper`` whose errors name the image file (a truncated or
+    corrupt image otherwise fails inside PIL / the worker with no file name)."""
+
+    def __init__(self, cfg, is_train: bool = True):
+        from detectron2.data import DatasetMapper
+
+        self.mapper = DatasetMapper(cfg, is_train)
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except Exception as e:
+            raise OSError(f"could not load image file {dataset_dict.get('file_name')}: {type(e).__name__}: {e}") from e

@@ -103,6 +103,11 @@ def schedule_opts(iters: int) -> List[str]:
         "SOLVER.WARMUP_ITERS", str(min(300, iters // 7)),
         "SOLVER.CHECKPOINT_PERIOD", str(min(1000, iters)),  # a killed study resumes inside a model too
         "TEST.EVAL_PERIOD", "0",
+        # The study's models were trained with torchvision's per-image normalizer (the
+        # main config's before it moved to Detectron2's); pinned so that a rerun reuses
+        # and describes the same models. Pass MODEL.LOSS_NORMALIZER detectron2 (and a new
+        # --output-dir) to study the main config's normalizer.
+        "MODEL.LOSS_NORMALIZER", "torchvision",
     ]  # fmt: skip
 
 

@@ -92,7 +92,9 @@ def _p(name: str, what: str, *opts, data: str = "shapes") -> Probe:
 S128 = ("INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128)
 SCH2K = ("SOLVER.MAX_ITER", 2000, "SOLVER.STEPS", "(1400, 1800)", "SOLVER.WARMUP_ITERS", 200, "SOLVER.CHECKPOINT_PERIOD", 2000,
          "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR")
-SHORT = S128 + SCH2K
+# The probes of rounds 1-3 ran before the main config moved to Detectron2's loss normalizer.
+TV_NORM = ("MODEL.LOSS_NORMALIZER", "torchvision")
+SHORT = S128 + SCH2K + TV_NORM
 LR01, LR04, LR08 = ("SOLVER.BASE_LR", 0.01), ("SOLVER.BASE_LR", 0.04), ("SOLVER.BASE_LR", 0.08)
 COSINE = ("SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR")
 P3_P5 = ("MODEL.RETINANET.IN_FEATURES", "['p3','p4','p5']",

@@ -429,7 +429,8 @@ def load_model(cfg, weights: str):
     incompatible = load_weights(model, weights)
     # Evaluating or predicting with layers left at their initialisation reports the
     # results of a partly random model as if they were real: refuse.
-    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    # Training statistics inference does not use: BatchNorm's step counter, the loss normalizer's average.
+    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked") and k != "loss_normalizer_ema"]
     if missing:
         raise ValueError(
             f"{weights} does not hold every weight of this model ({len(missing)} missing, e.g. "

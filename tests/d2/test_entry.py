@@ -111,3 +111,14 @@ def test_detectron2_front_end_has_only_its_own_loss_normalizer():
     with pytest.raises(ValueError, match="MODEL.LOSS_NORMALIZER='torchvision' is not supported by the detectron2"):
         build_model(cfg)
     build_model(setup_project_cfg(SHAPES, ["MODEL.LOSS_NORMALIZER", "detectron2"]))
+
+
+def test_a_truncated_image_is_named_by_the_detectron2_loader(tmp_path):
+    from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper
+
+    image = tmp_path / "cut.png"
+    cv2.imwrite(str(image), np.full((40, 50, 3), 128, np.uint8))
+    image.write_bytes(image.read_bytes()[:40])  # truncated
+    mapper = FileNamingDatasetMapper(setup_project_cfg(SHAPES), is_train=False)
+    with pytest.raises(OSError, match="could not load image file .*cut.png"):
+        mapper({"file_name": str(image), "height": 40, "width": 50, "image_id": 1, "annotations": []})
