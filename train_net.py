@@ -16,7 +16,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from iou_aware_retinanet.d2 import register_config_datasets
-from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper, check_num_classes
+from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper, check_num_classes, check_test_images
 from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 
 
@@ -48,6 +48,8 @@ def setup(args):
     # COCOEvaluator looks for their json file.
     register_config_datasets(cfg)
     check_num_classes(cfg)  # MODEL.RETINANET.NUM_CLASSES against the datasets, before any training
+    if not args.eval_only:
+        check_test_images(cfg)  # a corrupt test image fails now, not after training
     return cfg
 
 

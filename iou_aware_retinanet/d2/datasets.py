@@ -72,3 +72,17 @@ class FileNamingDatasetMapper:
             return self.mapper(dataset_dict)
         except Exception as e:
             raise OSError(f"could not load image file {dataset_dict.get('file_name')}: {type(e).__name__}: {e}") from e
+
+
+def check_test_images(cfg) -> None:
+    """Decode every ``DATASETS.TEST`` image once, before training: a corrupt file fails now,
+    naming it, instead of in the evaluation after the whole run (as on the torchvision path)."""
+    import cv2
+
+    for name in cfg.DATASETS.TEST:
+        for record in DatasetCatalog.get(name):
+            if cv2.imread(record["file_name"], cv2.IMREAD_UNCHANGED) is None:
+                raise OSError(
+                    f"DATASETS.TEST {name!r}: could not read or decode image file {record['file_name']} "
+                    "(checked before training)"
+                )

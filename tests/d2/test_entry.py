@@ -122,3 +122,22 @@ def test_a_truncated_image_is_named_by_the_detectron2_loader(tmp_path):
     mapper = FileNamingDatasetMapper(setup_project_cfg(SHAPES), is_train=False)
     with pytest.raises(OSError, match="could not load image file .*cut.png"):
         mapper({"file_name": str(image), "height": 40, "width": 50, "image_id": 1, "annotations": []})
+
+
+def test_corrupt_test_image_fails_before_training_on_the_detectron2_path(tmp_path):
+    import shutil
+
+    from iou_aware_retinanet.data.builtin import builtin_dataset_paths
+
+    json_file, image_root = builtin_dataset_paths("shapes_mini_val", str(tmp_path / "datasets"))
+    images = tmp_path / "images"
+    shutil.copytree(image_root, images)
+    (images / "000002.png").write_bytes(b"garbage")
+    train_net = runpy.run_path(os.path.join(REPO, "train_net.py"), run_name="train_net")
+    args = train_net["get_parser"]().parse_args([
+        "--config-file", SHAPES, "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.COCO_INSTANCES", repr([["corrupt_val", json_file, str(images)]]), "DATASETS.TEST", "('corrupt_val',)",
+    ])  # fmt: skip
+    with pytest.raises(OSError, match=r"corrupt_val.*000002.png.*before training"):
+        train_net["main"](args)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
