@@ -5,7 +5,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.utils import comm
 
 from ..data.builtin import ensure_generated, register_builtin_datasets
-from ..data.coco import load_coco_detection
+from ..data.coco import load_coco_detection, read_image_rgb
 
 
 def register_config_datasets(cfg) -> None:
@@ -77,12 +77,9 @@ class FileNamingDatasetMapper:
 def check_test_images(cfg) -> None:
     """Decode every ``DATASETS.TEST`` image once, before training: a corrupt file fails now,
     naming it, instead of in the evaluation after the whole run (as on the torchvision path)."""
-    import cv2
-
     for name in cfg.DATASETS.TEST:
         for record in DatasetCatalog.get(name):
-            if cv2.imread(record["file_name"], cv2.IMREAD_UNCHANGED) is None:
-                raise OSError(
-                    f"DATASETS.TEST {name!r}: could not read or decode image file {record['file_name']} "
-                    "(checked before training)"
-                )
+            try:
+                read_image_rgb(record["file_name"])  # the project's one image decoder, as the torchvision engine
+            except OSError as e:
+                raise OSError(f"DATASETS.TEST {name!r}: {e} (checked before training)") from None

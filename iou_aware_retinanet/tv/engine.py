@@ -94,9 +94,10 @@ class NonFiniteWeightsError(FloatingPointError):
     """A parameter or buffer became NaN or infinite; nothing is saved from such weights."""
 
 
-def non_finite_tensors(model: nn.Module) -> List[str]:
-    """Names of the parameters and buffers of ``model`` holding NaN or inf."""
-    return [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+def non_finite_tensors(model_or_state) -> List[str]:
+    """Names of the parameters and buffers (of a model, or in a state dict) holding NaN or inf."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 # --------------------------------------------------------------------------- seeds
@@ -283,7 +284,7 @@ class Checkpointer:
         state = self.model.state_dict()
         if buffers:
             state.update(buffers)
-        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = non_finite_tensors(state)
         if bad:
             raise NonFiniteWeightsError(
                 f"Weights became infinite or NaN by iteration {iteration} ({', '.join(bad[:5])}"
