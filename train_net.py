@@ -16,6 +16,7 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.evaluation import COCOEvaluator
 
 from iou_aware_retinanet.d2 import register_config_datasets
+from iou_aware_retinanet.d2.checkpoint import name_last_good_checkpoint, resume_from_newest_readable, use_finite_checkpointer
 from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper, check_num_classes, check_test_images
 from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
 
@@ -29,6 +30,19 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False))
+
+    # Checkpoints only from weights that are finite and still give a finite loss.
+    def build_hooks(self):
+        return use_finite_checkpointer(super().build_hooks())
+
+    def resume_or_load(self, resume=True):  # a truncated last checkpoint falls back to an older one
+        resume_from_newest_readable(self.checkpointer, super().resume_or_load, resume)
+
+    def run_step(self):
+        try:
+            super().run_step()
+        except FloatingPointError as e:  # Detectron2's "Loss became infinite or NaN"
+            raise name_last_good_checkpoint(e, self._hooks) from None
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

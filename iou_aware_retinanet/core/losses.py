@@ -198,7 +198,9 @@ def dense_detection_losses(
         # barely moves even when the branch learns; loss_iou - this floor shows progress.
         with torch.no_grad():
             target = aligned_box_iou(fg_boxes, matched_boxes).clamp(0.0, 1.0)
-            entropy = F.binary_cross_entropy(target, target, reduction="none")
+            # By hand, not F.binary_cross_entropy(target, target): that raises on a NaN
+            # target (blown-up boxes), before the loss check can name the iteration.
+            entropy = -(torch.special.xlogy(target, target) + torch.special.xlogy(1 - target, 1 - target))
         losses[IOU_TARGET_ENTROPY] = config.iou_loss_weight * _sum_per_image(entropy, img_idx, num_images)
 
     losses["num_foreground"] = torch.bincount(img_idx, minlength=num_images)

@@ -2,7 +2,7 @@
 
     python -m iou_aware_retinanet.studies.accuracy            # full: 8 trained configs x 3 seeds
     python -m iou_aware_retinanet.studies.accuracy --quick    # baseline vs IoU-aware, 1 seed
-    python -m iou_aware_retinanet.studies.accuracy [--seeds 0 1 2] [--iters 3000] [--only-trained] \\
+    python -m iou_aware_retinanet.studies.accuracy [--seeds 0 1 2] [--iters 2000] [--only-trained] \\
         [--configs retinanet iou_aware ...] [--threads N] [--output-dir output/study/accuracy] [KEY VALUE ...]
 
 On the torchvision front-end (no Detectron2 needed), from the Shapes configs
@@ -103,11 +103,6 @@ def schedule_opts(iters: int) -> List[str]:
         "SOLVER.WARMUP_ITERS", str(min(300, iters // 7)),
         "SOLVER.CHECKPOINT_PERIOD", str(min(1000, iters)),  # a killed study resumes inside a model too
         "TEST.EVAL_PERIOD", "0",
-        # The study's models were trained with torchvision's per-image normalizer (the
-        # main config's before it moved to Detectron2's); pinned so that a rerun reuses
-        # and describes the same models. Pass MODEL.LOSS_NORMALIZER detectron2 (and a new
-        # --output-dir) to study the main config's normalizer.
-        "MODEL.LOSS_NORMALIZER", "torchvision",
     ]  # fmt: skip
 
 
@@ -629,7 +624,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="baseline and IoU-aware only, seed 0 (~10 min)")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--configs", nargs="+", metavar="NAME", help=f"subset of: {', '.join(TRAINED)}")
-    parser.add_argument("--iters", type=int, default=3000, help="training iterations per model (default 3000: the full study in < 2 h with two processes)")
+    parser.add_argument("--iters", type=int, default=2000, help="training iterations per model (default 2000: the full study in < 2 h with two processes)")
     parser.add_argument("--only-trained", action="store_true",
                         help="evaluate the models already trained; train nothing (the others are listed as missing)")
     parser.add_argument("--max-samples", type=int, default=10000, help="detections per correlation panel")

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
 from ..data.coco import read_image_rgb
+from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
 from .data import dataset_class_names, derive_seed, load_dataset, load_train_records, resolve_dataset, build_train_loader
 from .evaluation import EvaluationResult, check_num_classes, curve_table, safe_folder_name, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
@@ -84,20 +85,6 @@ NORM_MODULE_TYPES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
 )  # fmt: skip
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the iteration and every loss term."""
-
-
-class NonFiniteWeightsError(FloatingPointError):
-    """A parameter or buffer became NaN or infinite; nothing is saved from such weights."""
-
-
-def non_finite_tensors(model_or_state) -> List[str]:
-    """Names of the parameters and buffers (of a model, or in a state dict) holding NaN or inf."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 # --------------------------------------------------------------------------- seeds
@@ -273,9 +260,7 @@ class Checkpointer:
         self.last_saved: Optional[str] = None  # the newest checkpoint written or resumed from
 
     def last_good_note(self) -> str:
-        if self.last_saved:
-            return f"The last good checkpoint is {self.last_saved} (resume from it with --resume)."
-        return "No checkpoint was written by this run."
+        return last_good_note(self.last_saved)
 
     def save(self, name: str, iteration: int, seed: int, buffers: Optional[Dict[str, torch.Tensor]] = None) -> str:
         """Write ``name``.pth; refuses (NonFiniteWeightsError) when a weight is NaN or inf.

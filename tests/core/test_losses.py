@@ -201,6 +201,19 @@ def test_iou_target_entropy_is_the_floor_of_the_iou_loss():
         assert not losses[IOU_TARGET_ENTROPY].requires_grad
 
 
+def test_nan_box_deltas_give_nan_losses_not_an_exception():
+    """Blown-up weights give NaN deltas: the losses must come back NaN (the engines' loss check
+    then names the iteration and the last good checkpoint) rather than raise inside a loss."""
+    from iou_aware_retinanet.core.losses import IOU_TARGET_ENTROPY
+
+    assignments, cls_logits, box_deltas, iou_logits = batch()
+    box_deltas[0, 0] = float("nan")
+    losses = dense_detection_losses(cls_logits, box_deltas, iou_logits, ANCHORS.boxes, assignments,
+                                    [GT_IMAGE_0, GT_IMAGE_1], BoxCoder(), LossConfig())
+    for key in ("loss_box_reg", "loss_iou", IOU_TARGET_ENTROPY):
+        assert torch.isnan(losses[key][0]) and torch.isfinite(losses[key][1]), key
+
+
 def test_a_batch_with_gt_but_no_positive_is_reported(caplog):
     from iou_aware_retinanet.core.losses import warn_if_no_positives
 

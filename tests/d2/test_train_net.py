@@ -4,6 +4,7 @@ import os
 import runpy
 
 import pytest
+import torch
 
 from .helpers import D2_MISSING_REASON, REPO
 
@@ -99,3 +100,99 @@ def test_config_datasets_are_registered(tmp_path, datasets_root):
     cfg.DATASETS.COCO_INSTANCES = [["only_a_name"]]
     with pytest.raises(ValueError, match="name, json_file, image_root"):
         register_config_datasets(cfg)
+
+
+# ------------------------------------------------------------------ checkpoints from finite weights only
+
+
+def _trainer(train_net, tmp_path, *extra):
+    args = default_argument_parser().parse_args(_opts(tmp_path) + ["DATASETS.TEST", "()", *extra])
+    return train_net["Trainer"](train_net["setup"](args))
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_periodic_checkpoint_holds_the_state_after_its_iteration(tmp_path, datasets_root):
+    """Written one iteration late (once the next loss is finite), the checkpoint of iteration 0
+    is still iteration 0's state: the final weights of a 1-iteration run, bit for bit."""
+    train_net = _train_net()
+    two = _trainer(train_net, tmp_path / "two", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "3")
+    two.train()
+    one = _trainer(train_net, tmp_path / "one", "SOLVER.MAX_ITER", "1", "SEED", "3")
+    one.train()
+    periodic = _load(tmp_path / "two" / "out" / "model_0000000.pth")
+    final_of_one = _load(tmp_path / "one" / "out" / "model_final.pth")
+    assert periodic["iteration"] == 0 and periodic["trainer"]["iteration"] == 0
+    assert periodic["model"].keys() == final_of_one["model"].keys()
+    for key, value in periodic["model"].items():
+        assert torch.equal(value, final_of_one["model"][key]), key
+    final_of_two = _load(tmp_path / "two" / "out" / "model_final.pth")
+    assert not all(torch.equal(v, final_of_two["model"][k]) for k, v in periodic["model"].items())
+    assert (tmp_path / "two" / "out" / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_exploded_weights_are_never_checkpointed(tmp_path, datasets_root):
+    """Weights blown up to 1e30 (finite) after iteration 2: the checkpoint due after iteration 3
+    is refused (a non-finite loss or weight, whichever shows first); the error names the last
+    good checkpoint, which holds sane weights and is what --resume would load."""
+    from detectron2.engine import HookBase
+
+    from iou_aware_retinanet.faults import NonFiniteLossError, NonFiniteWeightsError
+
+    class ExplodeAfter2(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 2:
+                with torch.no_grad():
+                    next(self.trainer.model.parameters()).mul_(1e30)
+
+    train_net = _train_net()
+    trainer = _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "8", "SOLVER.CHECKPOINT_PERIOD", "2")
+    trainer.register_hooks([ExplodeAfter2()])  # after the checkpointer: it runs on the blown-up weights
+    with pytest.raises(FloatingPointError, match=r"iteration=?\s*[34]") as info:
+        trainer.train()
+    assert isinstance(info.value, (NonFiniteLossError, NonFiniteWeightsError))
+    out = tmp_path / "out"
+    assert str(out / "model_0000001.pth") in str(info.value) and "--resume" in str(info.value)
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (out / "model_0000003.pth").exists() and not (out / "model_final.pth").exists()
+    weights = _load(out / "model_0000001.pth")["model"]
+    assert max(float(v.abs().max()) for v in weights.values() if v.is_floating_point()) < 1e6
+
+
+def test_nan_weights_are_not_written_as_model_final(tmp_path, datasets_root):
+    from detectron2.engine import HookBase
+
+    from iou_aware_retinanet.faults import NonFiniteWeightsError
+
+    class NanAtTheEnd(HookBase):
+        def before_step(self):
+            if self.trainer.iter == self.trainer.max_iter - 1:
+                self.trainer.model.register_buffer("poisoned", torch.tensor([float("nan")]))
+
+    train_net = _train_net()
+    trainer = _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1")
+    trainer.register_hooks([NanAtTheEnd()])
+    with pytest.raises(NonFiniteWeightsError, match=r"poisoned.*model_final.pth not written") as info:
+        trainer.train()
+    assert str(tmp_path / "out" / "model_0000001.pth") in str(info.value)
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, datasets_root, caplog):
+    train_net = _train_net()
+    _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1").train()
+    out = tmp_path / "out"
+    final = out / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])  # a copy cut short
+    resumed = _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "1")
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2  # model_0000001 holds iteration 1: the newest file that loads
+    assert str(final) in caplog.text and "older checkpoint" in caplog.text
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    for f in out.glob("model_0*.pth"):
+        f.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="no readable checkpoint") as info:
+        _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4").resume_or_load(resume=True)
+    assert str(out / "model_0000000.pth") in str(info.value)

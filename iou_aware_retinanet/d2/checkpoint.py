@@ -1,0 +1,128 @@
+"""Detectron2's periodic checkpoints with the torchvision engine's guarantee:
+a checkpoint is written only from weights that are finite and still give a
+finite loss, so the last checkpoint of a run that blew up resumes.
+
+Detectron2's ``PeriodicCheckpointer`` saves iteration i's weights right after
+iteration i, before anyone knows whether they still give a finite loss: a step
+that blows the weights up to 1e15 without a NaN yet is saved, and ``--resume``
+fails again. :class:`FiniteCheckpointer` keeps a copy of iteration i's state
+(model, optimizer, scheduler: what Detectron2's checkpointer saves) and writes
+it after iteration i + 1 has run, which Detectron2 only lets happen when its
+loss was finite. ``model_final`` (no next loss) is checked for NaN / inf only.
+Files are written to a temporary name and renamed, so a crash mid-write leaves
+the previous checkpoint as the last one; a checkpoint truncated anyway (a full
+disk, a copy) is skipped on ``--resume`` for the newest older one that loads
+(:func:`resume_from_newest_readable`), as the torchvision engine does.
+"""
+import copy
+import logging
+import os
+import pickle
+from typing import Callable, List, Optional
+
+import torch
+from detectron2.engine import HookBase, hooks
+
+from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
+
+__all__ = ["FiniteCheckpointer", "use_finite_checkpointer", "name_last_good_checkpoint", "resume_from_newest_readable"]
+
+logger = logging.getLogger(__name__)
+
+
+class FiniteCheckpointer(HookBase):
+    """Drop-in for ``hooks.PeriodicCheckpointer`` (same file names, same period)."""
+
+    def __init__(self, checkpointer, period: int, file_prefix: str = "model"):
+        self.checkpointer, self.period, self.file_prefix = checkpointer, int(period), file_prefix
+        self.max_iter: Optional[int] = None
+        self.pending: Optional[tuple] = None  # (name, state) of the last checkpoint iteration
+        self.last_good: Optional[str] = None
+
+    def before_train(self) -> None:
+        self.max_iter = self.trainer.max_iter
+        if self.checkpointer.has_checkpoint():  # resumed: that one is good
+            self.last_good = self.checkpointer.get_checkpoint_file()
+
+    def after_step(self) -> None:
+        iteration = self.trainer.iter
+        if self.pending is not None:  # this iteration's loss was finite: the state before it is good
+            self._write(*self.pending)
+            self.pending = None
+        if iteration + 1 >= self.max_iter:
+            self._write("model_final", self._state(iteration))
+        elif (iteration + 1) % self.period == 0:
+            self.pending = (f"{self.file_prefix}_{iteration:07d}", self._state(iteration))
+
+    def last_good_note(self) -> str:
+        return last_good_note(self.last_good)
+
+    def _state(self, iteration: int) -> dict:
+        # What Detectron2's Checkpointer.save(name, iteration=...) writes, copied now.
+        state = {"model": {k: v.detach().clone() for k, v in self.checkpointer.model.state_dict().items()}}
+        for key, obj in self.checkpointer.checkpointables.items():
+            state[key] = copy.deepcopy(obj.state_dict())
+        state["iteration"] = iteration
+        return state
+
+    def _write(self, name: str, state: dict) -> None:
+        bad = non_finite_tensors(state["model"])
+        if bad:
+            raise NonFiniteWeightsError(
+                f"Weights became infinite or NaN by iteration {state['iteration']} ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
+                "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
+            )
+        basename = f"{name}.pth"
+        path = os.path.join(self.checkpointer.save_dir, basename)
+        partial = path + ".partial"
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+        os.replace(partial, path)
+        self.checkpointer.tag_last_checkpoint(basename)
+        self.last_good = path
+        logger.info("Saved checkpoint %s (iteration %d)", path, state["iteration"])
+
+
+def use_finite_checkpointer(hook_list: List[HookBase]) -> List[HookBase]:
+    """``DefaultTrainer.build_hooks()`` with its PeriodicCheckpointer replaced, in place in the order."""
+    return [
+        FiniteCheckpointer(h.checkpointer, h.period, h.file_prefix) if isinstance(h, hooks.PeriodicCheckpointer) else h
+        for h in hook_list
+    ]
+
+
+def name_last_good_checkpoint(error: FloatingPointError, hook_list: List[HookBase]) -> NonFiniteLossError:
+    """Detectron2's "Loss became infinite or NaN" error, ending with the last good checkpoint."""
+    finite = [h for h in hook_list if isinstance(h, FiniteCheckpointer)]
+    note = finite[0].last_good_note() if finite else ""
+    return NonFiniteLossError(f"{error} {note}".strip())
+
+
+def resume_from_newest_readable(checkpointer, resume_or_load: Callable[[bool], None], resume: bool) -> None:
+    """``resume_or_load(resume)`` (``DefaultTrainer``'s), but an unreadable ``last_checkpoint``
+    falls back, with a warning, to the newest older ``model_*.pth`` of the run that loads."""
+    if not (resume and checkpointer.has_checkpoint()):
+        resume_or_load(resume)
+        return
+    named = checkpointer.get_checkpoint_file()
+    save_dir = checkpointer.save_dir
+    older = sorted(
+        (os.path.join(save_dir, f) for f in os.listdir(save_dir)
+         if f.startswith("model_") and f.endswith(".pth") and os.path.join(save_dir, f) != named),
+        key=os.path.getmtime, reverse=True,
+    )  # fmt: skip
+    errors = []
+    for path in [named] + older:
+        try:  # mmap: parses the archive without reading the tensors (Detectron2 then loads it)
+            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            errors.append(f"{path}: {e}")
+            logger.warning("Cannot read checkpoint %s (%s); trying an older one", path, e)
+            continue
+        if path != named:
+            logger.warning("%s is unreadable: resuming from the older checkpoint %s", named, path)
+            checkpointer.tag_last_checkpoint(os.path.basename(path))
+        resume_or_load(True)
+        return
+    raise RuntimeError(f"no readable checkpoint to resume from in {save_dir}:\n" + "\n".join(errors))
