@@ -1,6 +1,7 @@
 """The accuracy study: its statistics by hand, its rescoring on a hand-made image, and a tiny end-to-end run."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -161,3 +162,24 @@ def test_only_trained_evaluates_what_exists_and_trains_nothing(tmp_path, monkeyp
     assert list(summary["rows"]["retinanet"]["per_seed"]) == [0]
     assert not (out / "runs" / "retinanet" / "seed3").exists()
     assert "Not trained yet" in (out / "accuracy.md").read_text()
+
+
+def test_each_model_is_evaluated_once(tmp_path, monkeypatch):
+    """A rerun takes a model's rows from its study_eval.json; new weights invalidate them."""
+    monkeypatch.setenv("IOU_AWARE_RETINANET_DATASETS", str(tmp_path / "datasets"))
+    out = tmp_path / "study"
+    argv = ["--configs", "topk", "--seeds", "0", "--iters", "10", "--output-dir", str(out),
+            "DATASETS.TRAIN", "('shapes_mini_train',)", "DATASETS.TEST", "('shapes_mini_val',)",
+            "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    first = accuracy.main(argv)
+    assert (out / "runs" / "topk" / "seed0" / accuracy.EVAL_CACHE).is_file()
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(accuracy, "load_model", no_evaluation)
+    assert json.dumps(accuracy.main(argv)["rows"]) == json.dumps(first["rows"])  # NaN == NaN as text
+    weights = out / "runs" / "topk" / "seed0" / "model_final.pth"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    with pytest.raises(AssertionError, match="evaluated again"):
+        accuracy.main(argv)

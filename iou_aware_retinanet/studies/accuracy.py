@@ -36,8 +36,10 @@ training (``loss_iou_minus_entropy`` in metrics.json) go to ``calibration.png``.
 
 Trained models are kept under ``OUTPUT_DIR/runs/<config>/seed<k>``; a rerun
 reuses every ``model_final.pth`` it finds (delete the folder to retrain) and
-resumes a half-trained model from its last checkpoint; ``--only-trained``
-evaluates what is there and trains nothing. Everything printed is also
+resumes a half-trained model from its last checkpoint; each model's scorings
+are kept in its ``study_eval.json`` (keyed by its weights file), so a rerun
+evaluates only new models and the two whose outputs the plots need;
+``--only-trained`` evaluates what is there and trains nothing. Everything printed is also
 written to ``accuracy.md`` and ``accuracy.json``.
 """
 import argparse
@@ -389,6 +391,63 @@ def correlation_table(panels) -> str:
 # ------------------------------------------------------------------ the study
 
 
+def score_model(name: str, model, items, data) -> List[list]:
+    """Every scoring of one trained model: [row key, model, scoring, metrics]."""
+    eval_logger = logging.getLogger("iou_aware_retinanet.tv.evaluation")
+    level = eval_logger.level
+    eval_logger.setLevel(logging.WARNING)  # COCOeval's printout, dozens of times
+    try:
+        config_alpha = model.inference_config.alpha
+        if not model.iou_aware:
+            return [[name, name, "p", evaluate_scoring(items, data, model, 1.0)]]
+        if name != "iou_aware":
+            return [[name, name, f"S, alpha {alpha_name(config_alpha)}", evaluate_scoring(items, data, model, config_alpha)]]
+        out = [
+            [f"{name}/{alpha}", name, "p" if alpha == 1.0 else f"S, alpha {alpha_name(alpha)}",
+             evaluate_scoring(items, data, model, alpha)]
+            for alpha in ALPHAS
+        ]  # fmt: skip
+        out.append([
+            f"{name}/truth", f"{name} (upper bound)", f"S with IoU_truth, alpha {alpha_name(config_alpha)}",
+            evaluate_scoring(items, data, model, config_alpha, "truth"),
+        ])  # fmt: skip
+        return out
+    finally:
+        eval_logger.setLevel(level)
+
+
+# Each model is evaluated once: its rows are kept next to its weights, keyed by the
+# weights file (size, mtime) and what the rows hold, so a rerun only aggregates.
+EVAL_CACHE = "study_eval.json"
+
+
+def _cache_key(weights: str, dataset: str) -> dict:
+    stat = os.stat(weights)
+    return {
+        "weights_bytes": stat.st_size, "weights_mtime_ns": stat.st_mtime_ns, "dataset": dataset,
+        "alphas": [alpha_name(a) for a in ALPHAS], "metrics": list(STUDY_METRICS),
+    }  # fmt: skip
+
+
+def cached_model_rows(cfg, weights: str) -> Optional[List[list]]:
+    path = os.path.join(cfg.OUTPUT_DIR, EVAL_CACHE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        cache = json.load(f)
+    if cache.get("key") != _cache_key(weights, cfg.DATASETS.TEST[0]):
+        return None  # retrained, or another dataset / scoring list: evaluate again
+    logger.info("Reusing the evaluation of %s (%s)", weights, EVAL_CACHE)
+    return cache["rows"]
+
+
+def write_model_rows(cfg, weights: str, model_rows: List[list]) -> None:
+    path = os.path.join(cfg.OUTPUT_DIR, EVAL_CACHE)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        json.dump({"key": _cache_key(weights, cfg.DATASETS.TEST[0]), "rows": model_rows}, f, indent=1)
+    os.replace(path + ".partial", path)
+
+
 def add_row(rows, key, model, scoring, seed, metrics):
     rows.setdefault(key, {"model": model, "scoring": scoring, "per_seed": {}})["per_seed"][seed] = metrics
 
@@ -404,7 +463,6 @@ def run_study(args) -> dict:
     rows: "OrderedDict[str, dict]" = OrderedDict()
     panels, datasets = [], []
     calibration, train_seconds, missing = None, OrderedDict(), []
-    eval_logger = logging.getLogger("iou_aware_retinanet.tv.evaluation")
     for name in names:
         for seed_index, seed in enumerate(seeds):
             cfg = study_cfg(name, seed, args.iters, out, args.opts, Path(args.config_dir))
@@ -413,33 +471,22 @@ def run_study(args) -> dict:
                 missing.append(f"{name}/seed{seed}")
                 continue
             weights = train_or_reuse(cfg)
-            model = load_model(cfg, weights)
             dataset = cfg.DATASETS.TEST[0]
             datasets += [dataset] if dataset not in datasets else []
-            items, data = collect_outputs(model, cfg, dataset)
-            level = eval_logger.level
-            eval_logger.setLevel(logging.WARNING)  # COCOeval's printout, dozens of times
-            try:
-                config_alpha = model.inference_config.alpha
-                if not model.iou_aware:
-                    add_row(rows, name, name, "p", seed, evaluate_scoring(items, data, model, 1.0))
-                elif name == "iou_aware":
-                    for alpha in ALPHAS:
-                        scoring = "p" if alpha == 1.0 else f"S, alpha {alpha_name(alpha)}"
-                        add_row(rows, f"{name}/{alpha}", name, scoring, seed, evaluate_scoring(items, data, model, alpha))
-                    add_row(
-                        rows, f"{name}/truth", f"{name} (upper bound)", f"S with IoU_truth, alpha {alpha_name(config_alpha)}",
-                        seed, evaluate_scoring(items, data, model, config_alpha, "truth"),
-                    )  # fmt: skip
-                else:
-                    add_row(rows, name, name, f"S, alpha {alpha_name(config_alpha)}", seed, evaluate_scoring(items, data, model, config_alpha))
-            finally:
-                eval_logger.setLevel(level)
-            if seed_index == 0 and name in ("retinanet", "iou_aware"):
-                panels += correlation_panels(name, items, model, args.max_samples)
-            if seed_index == 0 and name == "iou_aware":
-                calibration = iou_calibration(items, model)
-                calibration["run"] = cfg.OUTPUT_DIR
+            needs_outputs = seed_index == 0 and name in ("retinanet", "iou_aware")  # the plots
+            model_rows = None if needs_outputs else cached_model_rows(cfg, weights)
+            if model_rows is None:
+                model = load_model(cfg, weights)
+                items, data = collect_outputs(model, cfg, dataset)
+                model_rows = score_model(name, model, items, data)
+                write_model_rows(cfg, weights, model_rows)
+                if needs_outputs:
+                    panels += correlation_panels(name, items, model, args.max_samples)
+                if seed_index == 0 and name == "iou_aware":
+                    calibration = iou_calibration(items, model)
+                    calibration["run"] = cfg.OUTPUT_DIR
+            for key, model_name, scoring, metrics in model_rows:
+                add_row(rows, key, model_name, scoring, seed, metrics)
             train_seconds[f"{name}/seed{seed}"] = training_seconds(cfg.OUTPUT_DIR)
             logger.info("%s seed %d done (%.1f min so far)", name, seed, (time.perf_counter() - start) / 60)
 
