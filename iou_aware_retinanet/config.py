@@ -6,10 +6,11 @@ keys; Detectron2's global defaults are never touched. Works on Detectron2's
 ``CfgNode`` and on fvcore's (the torchvision front-end's config).
 """
 import ast
-from typing import List, Sequence
+from dataclasses import replace
+from typing import Dict, List, Sequence, Tuple
 
-from .core import BOX_LOSS_TYPES, InferenceConfig, LossConfig, available_assigners, build_assigner
-from .core.inference import THRESHOLD_ON_CHOICES
+from .core import InferenceConfig, LossConfig
+from .core.assigners import assigner_class
 
 
 def add_iou_aware_retinanet_config(cfg) -> None:
@@ -79,76 +80,66 @@ def add_iou_aware_retinanet_config(cfg) -> None:
 
 
 def build_assigner_from_cfg(cfg):
-    """The label assigner named by ``MODEL.ASSIGNER.NAME``, with its sub-node's options."""
-    return _build_named_assigner(cfg, cfg.MODEL.ASSIGNER.NAME, "MODEL.ASSIGNER.NAME")
-
-
-def _build_named_assigner(cfg, name, key):
-    if name not in available_assigners():
-        raise ValueError(
-            f"{key}={name!r} is not a label assigner; valid choices: {', '.join(available_assigners())}"
-        )
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    node = cfg.MODEL.ASSIGNER.get(name.upper(), None)
-    kwargs = {option.lower(): value for option, value in (node or {}).items()}
-    if name == "max_iou":
-        kwargs["thresholds"] = cfg.MODEL.RETINANET.IOU_THRESHOLDS
-        kwargs["labels"] = cfg.MODEL.RETINANET.IOU_LABELS
-    elif name == "hambox":
-        base_name = kwargs.pop("base")
-        threshold = kwargs.pop("match_threshold")
-        if base_name == "max_iou":
-            base = build_assigner(
-                "max_iou", num_classes, thresholds=[threshold], labels=[0, 1],
-                allow_low_quality_matches=False,
-            )
-        else:
-            base = _build_named_assigner(cfg, base_name, "MODEL.ASSIGNER.HAMBOX.BASE")
-        kwargs["base"] = base
+    """The label assigner named by ``MODEL.ASSIGNER.NAME``, built by its own ``from_cfg``."""
+    cls = _assigner_class(cfg)
     try:
-        return build_assigner(name, num_classes=num_classes, **kwargs)
+        return cls.from_cfg(cfg, cfg.MODEL.RETINANET.NUM_CLASSES)
     except ValueError as e:
-        raise ValueError(f"MODEL.ASSIGNER.{name.upper()}: {e}") from None
+        raise ValueError(f"MODEL.ASSIGNER.{cfg.MODEL.ASSIGNER.NAME.upper()}: {e}") from None
+
+
+def _assigner_class(cfg):
+    try:
+        return assigner_class(cfg.MODEL.ASSIGNER.NAME)
+    except ValueError as e:
+        raise ValueError(f"MODEL.ASSIGNER.NAME: {e}") from None
+
+
+def _build_naming_keys(cls, fields: Dict[str, Tuple[str, object]], **fixed):
+    """``cls(**fixed, **values)`` where ``fields`` maps each field to (config key, value).
+
+    The core dataclass checks its own values (``__post_init__``); setting them one
+    at a time only tells which key a rejected value came from.
+    """
+    built = cls(**fixed)
+    for field, (key, value) in fields.items():
+        try:
+            built = replace(built, **{field: value})
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return built
 
 
 def loss_config_from_cfg(cfg) -> LossConfig:
-    box_loss_type = cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE
-    if box_loss_type not in BOX_LOSS_TYPES:
-        raise ValueError(
-            f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE={box_loss_type!r}; valid choices: {', '.join(BOX_LOSS_TYPES)}"
-        )
-    return LossConfig(
-        focal_alpha=cfg.MODEL.RETINANET.FOCAL_LOSS_ALPHA,
-        focal_gamma=cfg.MODEL.RETINANET.FOCAL_LOSS_GAMMA,
-        box_loss_type=cfg.MODEL.RETINANET.BBOX_REG_LOSS_TYPE,
-        smooth_l1_beta=cfg.MODEL.RETINANET.SMOOTH_L1_LOSS_BETA,
-        iou_loss_weight=cfg.MODEL.IOU_AWARE.LOSS_WEIGHT,
-        iou_target_gradient=cfg.MODEL.IOU_AWARE.TARGET_GRADIENT,
-    )
+    """The losses' options; soft targets are trained with the chosen assigner's loss."""
+    r = cfg.MODEL.RETINANET
+    return _build_naming_keys(LossConfig, {
+        "focal_alpha": ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", r.FOCAL_LOSS_ALPHA),
+        "focal_gamma": ("MODEL.RETINANET.FOCAL_LOSS_GAMMA", r.FOCAL_LOSS_GAMMA),
+        "box_loss_type": ("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", r.BBOX_REG_LOSS_TYPE),
+        "smooth_l1_beta": ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", r.SMOOTH_L1_LOSS_BETA),
+        "iou_loss_weight": ("MODEL.IOU_AWARE.LOSS_WEIGHT", cfg.MODEL.IOU_AWARE.LOSS_WEIGHT),
+        "iou_target_gradient": ("MODEL.IOU_AWARE.TARGET_GRADIENT", cfg.MODEL.IOU_AWARE.TARGET_GRADIENT),
+        # The one place the loss follows the assigner (TOOD: quality focal loss).
+        "soft_target_loss": ("MODEL.ASSIGNER.NAME", _assigner_class(cfg).soft_target_loss),
+    })  # fmt: skip
 
 
 def inference_config_from_cfg(cfg, clip_to_image: bool = False) -> InferenceConfig:
     alpha = cfg.MODEL.IOU_AWARE.ALPHA
-    if isinstance(alpha, str):
+    if isinstance(alpha, str):  # YAML null is None; "None" from the command line is a string
         if alpha.lower() != "none":
             raise ValueError(f"MODEL.IOU_AWARE.ALPHA must be a number in [0, 1] or null, got {alpha!r}")
         alpha = None
-    threshold_on = cfg.MODEL.IOU_AWARE.THRESHOLD_ON
-    if threshold_on not in THRESHOLD_ON_CHOICES:
-        raise ValueError(
-            f"MODEL.IOU_AWARE.THRESHOLD_ON={threshold_on!r}; valid choices: {', '.join(THRESHOLD_ON_CHOICES)}"
-        )
-    if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"MODEL.IOU_AWARE.ALPHA must lie in [0, 1] or be null, got {alpha}")
-    return InferenceConfig(
-        alpha=None if alpha is None else float(alpha),
-        score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
-        threshold_on=threshold_on,
-        topk_candidates=cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-        nms_thresh=cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-        max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
-        clip_to_image=clip_to_image,
-    )
+    r = cfg.MODEL.RETINANET
+    return _build_naming_keys(InferenceConfig, {
+        "alpha": ("MODEL.IOU_AWARE.ALPHA", None if alpha is None else float(alpha)),
+        "score_thresh": ("MODEL.RETINANET.SCORE_THRESH_TEST", r.SCORE_THRESH_TEST),
+        "threshold_on": ("MODEL.IOU_AWARE.THRESHOLD_ON", cfg.MODEL.IOU_AWARE.THRESHOLD_ON),
+        "topk_candidates": ("MODEL.RETINANET.TOPK_CANDIDATES_TEST", r.TOPK_CANDIDATES_TEST),
+        "nms_thresh": ("MODEL.RETINANET.NMS_THRESH_TEST", r.NMS_THRESH_TEST),
+        "max_detections": ("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE),
+    }, clip_to_image=clip_to_image)  # fmt: skip
 
 
 def ints_as_floats(cfg, opts: Sequence[str]) -> List[str]:

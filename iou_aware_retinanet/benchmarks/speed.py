@@ -83,12 +83,12 @@ import torchvision
 from torch import Tensor, nn
 
 from ..config import add_iou_aware_retinanet_config
-from ..core import postprocess_image
+from ..core import image_predictions, postprocess_image
 from ..core.inference import select_level_candidates
 from ..tv import get_cfg
 from ..tv import build_model as build_tv_model
-from ..tv.model import build_torchvision_retinanet
 from .assigners import MEMORY_METHOD_MAXRSS, MEMORY_METHOD_VMHWM, _reset_peak_rss, _rss_kib, random_gt_boxes
+from .peers import build_torchvision_retinanet
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -311,7 +311,10 @@ def calibrate_head(model: nn.Module, frontend: str, inputs: tuple, score_thresh:
     handles = [conv.register_forward_hook(collect(outputs[key])) for key, conv in convs.items()]
     model.eval()
     try:
-        model(*inputs)
+        # With autograd the box and IoU convs run as modules (at inference they are fused,
+        # core.box_and_iou_outputs, which their forward hooks would not see).
+        with torch.enable_grad():
+            model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -467,21 +470,20 @@ def time_pair(setting: Setting, pair: Pair, mode: str, state, inputs: tuple, rep
 @torch.no_grad()
 def dense_outputs(model: nn.Module, images: List[Tensor]) -> dict:
     """Per-level head outputs of the first image, as post-processing receives them
-    (probabilities, deltas, IoUs, anchors), from the torchvision front-end's parts."""
+    (probabilities, deltas, IoUs, anchors): the torchvision model's own forward,
+    stopped before post-processing (``return_dense_outputs``)."""
     model.eval()
-    image_list, _ = model.transform(images)
-    features = list(model.backbone(image_list.tensors).values())
-    head = model.head(features)
-    anchors = model.anchor_generator(image_list, features)
-    per_location = head["cls_logits"].shape[1] // sum(f.shape[-2] * f.shape[-1] for f in features)
-    sizes = [f.shape[-2] * f.shape[-1] * per_location for f in features]
+    model.return_dense_outputs = True
+    try:
+        dense = model(images)
+    finally:
+        model.return_dense_outputs = False
+    heads = dense.head_outputs
+    cls_probs, box_deltas, ious = image_predictions(heads["cls_logits"], heads["bbox_regression"], heads["iou_logits"], 0)
     return {
-        "cls_probs": list(head["cls_logits"][0].sigmoid().split(sizes)),
-        "box_deltas": list(head["bbox_regression"][0].split(sizes)),
-        "ious": list(head["iou_logits"][0].sigmoid().split(sizes)),
-        "anchors": list(anchors[0].split(sizes)),
-        "image_size": tuple(image_list.image_sizes[0]),
-    }
+        "cls_probs": cls_probs, "box_deltas": box_deltas, "ious": ious,
+        "anchors": dense.anchors[0], "image_size": tuple(dense.image_sizes[0]),
+    }  # fmt: skip
 
 
 def time_postprocess(setting: Setting, state, inputs: tuple, repeats: int) -> dict:

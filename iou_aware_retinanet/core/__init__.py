@@ -16,8 +16,8 @@ from .assigners import (
     register_assigner,
 )
 from .boxes import BoxCoder, aligned_box_iou, box_centers
-from .head import build_iou_predictor
-from .inference import Detections, InferenceConfig, fuse_scores, postprocess_image
+from .head import box_and_iou_outputs, build_iou_predictor
+from .inference import Detections, InferenceConfig, fuse_scores, image_predictions, postprocess_batch, postprocess_image
 from .losses import (
     BOX_LOSS_TYPES,
     LossConfig,
@@ -25,3 +25,4 @@ from .losses import (
     quality_focal_loss,
     soft_target_focal_loss,
 )
+from .training import assign_batch, detached_predictions, training_losses

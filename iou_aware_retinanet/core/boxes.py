@@ -81,6 +81,26 @@ def box_centers(boxes: Tensor) -> Tensor:
     )
 
 
+def centers_inside(centers: Tensor, boxes: Tensor, eps: float = 0.0) -> Tensor:
+    """True where a centre lies inside its box by more than ``eps`` px on every side
+    (min of the distances to the left, top, right and bottom edges > ``eps``).
+
+    ``centers`` (..., 2) and ``boxes`` (..., 4) broadcast against each other, e.g.
+    (G, C, 2) candidate centres against (G, 1, 4) GT boxes. The candidate rule of
+    ATSS and TOOD (eps 0.01 in their official code).
+    """
+    ltrb = torch.stack(
+        (
+            centers[..., 0] - boxes[..., 0],
+            centers[..., 1] - boxes[..., 1],
+            boxes[..., 2] - centers[..., 0],
+            boxes[..., 3] - centers[..., 1],
+        ),
+        dim=-1,
+    )
+    return ltrb.min(dim=-1).values > eps
+
+
 def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """IoU of ``boxes1[i]`` with ``boxes2[i]`` (element-wise, differentiable).
 

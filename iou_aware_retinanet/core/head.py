@@ -1,5 +1,9 @@
 """The IoU prediction branch added to RetinaNet's box tower."""
-from torch import nn
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def build_iou_predictor(in_channels: int, num_anchors: int) -> nn.Conv2d:
@@ -15,3 +19,20 @@ def build_iou_predictor(in_channels: int, num_anchors: int) -> nn.Conv2d:
     nn.init.normal_(conv.weight, mean=0.0, std=0.01)
     nn.init.constant_(conv.bias, 0.0)
     return conv
+
+
+def box_and_iou_outputs(feature: Tensor, box_conv: nn.Conv2d, iou_conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
+    """The box-delta and IoU convs on the box tower's last feature.
+
+    Without autograd (inference) the two 3x3 convs run as one conv with their
+    weights stacked: the same per-channel sums, one pass over the feature and
+    one call instead of two per level, which is most of the IoU branch's cost
+    on a small network. With autograd they stay two convs, so training (and
+    the gradient into the tower) is exactly that of two separate layers.
+    """
+    if torch.is_grad_enabled():
+        return box_conv(feature), iou_conv(feature)
+    weight = torch.cat([box_conv.weight, iou_conv.weight])
+    bias = torch.cat([box_conv.bias, iou_conv.bias])
+    both = F.conv2d(feature, weight, bias, box_conv.stride, box_conv.padding)
+    return both.split([box_conv.out_channels, iou_conv.out_channels], dim=1)

@@ -136,3 +136,35 @@ def postprocess_image(
         cls_scores=cls_scores[keep],
         ious=iou_values[keep] if iou_values is not None else None,
     )
+
+
+def image_predictions(
+    cls_logits: Sequence[Tensor], box_deltas: Sequence[Tensor], iou_logits: Optional[Sequence[Tensor]], index: int
+) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+    """Image ``index`` of a batch's per-level logits, as :func:`postprocess_image` takes
+    them: class probabilities (A_l, K), deltas (A_l, 4) and predicted IoUs (A_l,).
+
+    cls_logits[l] (N, A_l, K), box_deltas[l] (N, A_l, 4), iou_logits[l] (N, A_l) or None.
+    """
+    probs = [x[index].sigmoid() for x in cls_logits]
+    deltas = [x[index] for x in box_deltas]
+    ious = None if iou_logits is None else [x[index].sigmoid() for x in iou_logits]
+    return probs, deltas, ious
+
+
+def postprocess_batch(
+    cls_logits: Sequence[Tensor],
+    box_deltas: Sequence[Tensor],
+    iou_logits: Optional[Sequence[Tensor]],
+    anchors: Sequence[Sequence[Tensor]],
+    box_coder,
+    image_sizes: Sequence[Tuple[int, int]],
+    config: InferenceConfig,
+) -> List[Detections]:
+    """Detections of every image of a batch, from per-level logits (see
+    :func:`image_predictions`); anchors[i][l] (A_l, 4) of image i, in the
+    coordinates of ``image_sizes[i]``."""
+    return [
+        postprocess_image(*image_predictions(cls_logits, box_deltas, iou_logits, i), anchors[i], box_coder, size, config)
+        for i, size in enumerate(image_sizes)
+    ]

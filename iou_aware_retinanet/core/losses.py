@@ -25,6 +25,9 @@ from .boxes import aligned_box_iou
 logger = logging.getLogger(__name__)
 
 BOX_LOSS_TYPES = ("smooth_l1", "giou", "diou", "ciou")
+# How soft classification targets are trained: "focal" (focal loss with soft
+# targets, Noisy-anchor) or "quality_focal" (|t - p|^gamma * BCE, GFL / TOOD).
+SOFT_TARGET_LOSSES = ("focal", "quality_focal")
 # Key of dense_detection_losses' per-image entropy of the IoU targets (a statistic, not a loss).
 IOU_TARGET_ENTROPY = "iou_target_entropy"
 
@@ -39,11 +42,19 @@ class LossConfig:
     # Let d L_IoU / d IoU_target flow into the box branch (paper Table 4;
     # the official code does). False detaches the target.
     iou_target_gradient: bool = True
+    # Classification loss of soft targets (SOFT_TARGET_LOSSES); the config layer sets
+    # it from the chosen assigner's class (``Assigner.soft_target_loss``).
+    soft_target_loss: str = "focal"
 
     def __post_init__(self):
         if self.box_loss_type not in BOX_LOSS_TYPES:
             raise ValueError(
                 f"unknown box loss type {self.box_loss_type!r}; valid choices: {', '.join(BOX_LOSS_TYPES)}"
+            )
+        if self.soft_target_loss not in SOFT_TARGET_LOSSES:
+            raise ValueError(
+                f"unknown soft-target loss {self.soft_target_loss!r}; valid choices: "
+                f"{', '.join(SOFT_TARGET_LOSSES)}"
             )
 
 
@@ -162,14 +173,11 @@ def dense_detection_losses(
     cls_targets = _stack_optional([a.cls_targets for a in assignments], labels, 1.0)
     cls_weights = _stack_optional([a.cls_weights for a in assignments], labels, 1.0)
     box_weights = _stack_optional([a.box_weights for a in assignments], labels, 1.0)
-    soft_losses = {a.soft_target_loss for a in assignments if a.cls_targets is not None}
-    if len(soft_losses) > 1:
-        raise ValueError(f"one batch mixes soft-target losses {sorted(soft_losses)}")
 
     losses = {
         "loss_cls": classification_loss(
             cls_logits, labels, cls_targets, cls_weights, config.focal_alpha, config.focal_gamma,
-            soft_losses.pop() if soft_losses else "focal",
+            config.soft_target_loss,
         )
     }
 

@@ -1,15 +1,16 @@
-"""``build_tiny_fpn_backbone`` for Detectron2: the torchvision front-end's
-``TinyResNet`` body under Detectron2's own FPN and P6/P7 block, so one YAML
+"""``build_tiny_fpn_backbone`` for Detectron2: the shared ``TinyResNet`` body
+(:mod:`iou_aware_retinanet.modeling.tiny_resnet`) under Detectron2's own FPN and
+P6/P7 block and frozen with Detectron2's ``FrozenBatchNorm2d``, so one YAML
 (configs/Shapes/*) builds the same architecture on either front-end.
 
 Initialisation differs by front-end (Detectron2's FPN uses its c2_xavier_fill,
 torchvision's FPN kaiming_uniform); shapes, strides and channels are the same.
 """
-from detectron2.layers import ShapeSpec, get_norm
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 
-from ..tv.backbone import STAGE_STRIDES, TINY_LAYOUTS, TinyResNet, freeze_stages
+from ..modeling.tiny_resnet import STAGE_STRIDES, TINY_LAYOUTS, TinyResNet, freeze_stages
 
 
 class TinyResNetBackbone(Backbone):
@@ -49,7 +50,7 @@ def build_tiny_fpn_backbone(cfg, input_shape: ShapeSpec):
         res2_channels=res.RES2_OUT_CHANNELS,
         norm_layer=lambda channels: get_norm(res.NORM, channels),
     )
-    freeze_stages(body, cfg.MODEL.BACKBONE.FREEZE_AT)
+    freeze_stages(body, cfg.MODEL.BACKBONE.FREEZE_AT, FrozenBatchNorm2d.convert_frozen_batchnorm)
     bottom_up = TinyResNetBackbone(body, res.OUT_FEATURES)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     return FPN(

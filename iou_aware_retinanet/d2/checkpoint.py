@@ -23,6 +23,7 @@ from typing import Callable, List, Optional
 import torch
 from detectron2.engine import HookBase, hooks
 
+from ..atomic import atomic_write
 from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
 
 __all__ = ["FiniteCheckpointer", "use_finite_checkpointer", "name_last_good_checkpoint", "resume_from_newest_readable"]
@@ -75,10 +76,8 @@ class FiniteCheckpointer(HookBase):
             )
         basename = f"{name}.pth"
         path = os.path.join(self.checkpointer.save_dir, basename)
-        partial = path + ".partial"
-        with open(partial, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save(state, f)
-        os.replace(partial, path)
         self.checkpointer.tag_last_checkpoint(basename)
         self.last_good = path
         logger.info("Saved checkpoint %s (iteration %d)", path, state["iteration"])

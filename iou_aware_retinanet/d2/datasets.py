@@ -6,18 +6,14 @@ from detectron2.utils import comm
 
 from ..data.builtin import ensure_generated, register_builtin_datasets
 from ..data.coco import load_coco_detection, read_image_rgb
+from ..data.config_datasets import coco_instances_from_cfg
 
 
 def register_config_datasets(cfg) -> None:
     """Register every ``[name, json_file, image_root]`` of ``DATASETS.COCO_INSTANCES``
     with ``register_coco_instances``, and generate the built-in datasets the
     config trains or tests on (``COCOEvaluator`` reads their json directly)."""
-    for entry in cfg.DATASETS.COCO_INSTANCES:
-        if len(entry) != 3:
-            raise ValueError(
-                f"DATASETS.COCO_INSTANCES entries are [name, json_file, image_root], got {list(entry)}"
-            )
-        name, json_file, image_root = entry
+    for name, (json_file, image_root) in coco_instances_from_cfg(cfg).items():
         if name in DatasetCatalog.list():
             known = MetadataCatalog.get(name)
             if (known.get("json_file"), known.get("image_root")) != (json_file, image_root):

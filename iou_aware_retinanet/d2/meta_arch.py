@@ -24,14 +24,17 @@ from ..core import (
     AnchorSet,
     Assigner,
     Assignment,
+    Detections,
     InferenceConfig,
     LossConfig,
-    Predictions,
+    assign_batch,
+    box_and_iou_outputs,
     build_iou_predictor,
-    dense_detection_losses,
+    postprocess_batch,
     postprocess_image,
+    training_losses,
 )
-from ..core.losses import IOU_TARGET_ENTROPY, warn_if_no_positives
+from ..core.losses import IOU_TARGET_ENTROPY
 
 __all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead"]
 
@@ -62,9 +65,12 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
         for feature in features:
             logits.append(self.cls_score(self.cls_subnet(feature)))
             bbox_feature = self.bbox_subnet(feature)
-            bbox_reg.append(self.bbox_pred(bbox_feature))
-            if self.iou_pred is not None:
-                iou_logits.append(self.iou_pred(bbox_feature))
+            if self.iou_pred is None:
+                bbox_reg.append(self.bbox_pred(bbox_feature))
+                continue
+            box, iou = box_and_iou_outputs(bbox_feature, self.bbox_pred, self.iou_pred)
+            bbox_reg.append(box)
+            iou_logits.append(iou)
         if self.iou_pred is None:
             return logits, bbox_reg
         return logits, bbox_reg, iou_logits
@@ -130,51 +136,28 @@ class IoUAwareRetinaNet(RetinaNet):
     def forward_training(self, images, features, predictions, gt_instances):
         pred_logits, pred_deltas, pred_ious = self._split_predictions(predictions)
         anchors = self.anchor_generator(features)
-        dense_predictions = None
-        if self.assigner.needs_predictions:
-            dense_predictions = self._detached_predictions(anchors, pred_logits, pred_deltas, pred_ious)
-        assignments = self.assign(anchors, gt_instances, dense_predictions)
-        return self.losses(anchors, pred_logits, assignments, pred_deltas, gt_instances, pred_ious)
+        per_image = training_losses(
+            cat(pred_logits, dim=1), cat(pred_deltas, dim=1),
+            cat(pred_ious, dim=1).squeeze(-1) if pred_ious is not None else None,
+            self._anchor_set(anchors),
+            [inst.gt_boxes.tensor for inst in gt_instances], [inst.gt_classes for inst in gt_instances],
+            self.assigner, self.box2box_transform, self.loss_config,
+        )  # fmt: skip
+        return self._normalize(per_image, len(gt_instances))
 
-    @torch.no_grad()
-    def _detached_predictions(self, anchors, pred_logits, pred_deltas, pred_ious) -> List[Predictions]:
-        """What the dynamic assigners look at: per image, detached probabilities
-        and decoded boxes (only computed when the assigner asks for them)."""
-        anchor_boxes = Boxes.cat(anchors).tensor
-        probs = cat(pred_logits, dim=1).sigmoid()
-        deltas = cat(pred_deltas, dim=1)
-        ious = cat(pred_ious, dim=1).squeeze(-1).sigmoid() if pred_ious is not None else None
-        return [
-            Predictions(
-                cls_probs=probs[i],
-                boxes=self.box2box_transform.apply_deltas(deltas[i], anchor_boxes),
-                ious=None if ious is None else ious[i],
-            )
-            for i in range(probs.shape[0])
-        ]
-
-    @torch.no_grad()
-    def assign(
-        self,
-        anchors: List[Boxes],
-        gt_instances: List[Instances],
-        predictions: Optional[List[Predictions]] = None,
-    ) -> List[Assignment]:
-        """One core ``Assignment`` per image."""
-        anchor_set = AnchorSet(
+    def _anchor_set(self, anchors: List[Boxes]) -> AnchorSet:
+        return AnchorSet(
             boxes=Boxes.cat(anchors).tensor,
             num_per_level=tuple(len(a) for a in anchors),
             num_per_location=self.num_anchors_per_location,
         )
-        return [
-            self.assigner(
-                anchor_set,
-                inst.gt_boxes.tensor,
-                inst.gt_classes,
-                None if predictions is None else predictions[i],
-            )
-            for i, inst in enumerate(gt_instances)
-        ]
+
+    def assign(self, anchors: List[Boxes], gt_instances: List[Instances], predictions=None) -> List[Assignment]:
+        """One core ``Assignment`` per image."""
+        return assign_batch(
+            self.assigner, self._anchor_set(anchors),
+            [inst.gt_boxes.tensor for inst in gt_instances], [inst.gt_classes for inst in gt_instances], predictions,
+        )  # fmt: skip
 
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
@@ -190,21 +173,10 @@ class IoUAwareRetinaNet(RetinaNet):
             matched_gt_boxes.append(boxes)
         return gt_labels, matched_gt_boxes
 
-    def losses(self, anchors, pred_logits, assignments, pred_anchor_deltas, gt_instances, pred_ious=None):
-        per_image = dense_detection_losses(
-            cls_logits=cat(pred_logits, dim=1),
-            box_deltas=cat(pred_anchor_deltas, dim=1),
-            iou_logits=cat(pred_ious, dim=1).squeeze(-1) if pred_ious is not None else None,
-            anchors=Boxes.cat(anchors).tensor,
-            assignments=assignments,
-            gt_boxes=[inst.gt_boxes.tensor for inst in gt_instances],
-            box_coder=self.box2box_transform,
-            config=self.loss_config,
-        )
-        num_foreground = per_image.pop("num_foreground")
-        warn_if_no_positives(num_foreground, [len(inst) for inst in gt_instances], type(self.assigner).__name__)
-        num_pos_anchors = num_foreground.sum().item()
-        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / len(assignments))
+    def _normalize(self, per_image, num_images: int):
+        """Detectron2's RetinaNet normalization: the batch sums over an EMA of its positives."""
+        num_pos_anchors = per_image.pop("num_foreground").sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos_anchors / num_images)
         normalizer = self._ema_update("loss_normalizer", max(num_pos_anchors, 1), 100)
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
         losses = {name: loss.sum() / normalizer for name, loss in per_image.items()}
@@ -215,14 +187,12 @@ class IoUAwareRetinaNet(RetinaNet):
     # ----------------------------------------------------------------- inference
     def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
         pred_logits, pred_deltas, pred_ious = self._split_predictions(predictions)
-        anchors = self.anchor_generator(features)
-        results: List[Instances] = []
-        for img_idx, image_size in enumerate(images.image_sizes):
-            scores = [x[img_idx].sigmoid() for x in pred_logits]
-            deltas = [x[img_idx] for x in pred_deltas]
-            ious = None if pred_ious is None else [x[img_idx, :, 0].sigmoid() for x in pred_ious]
-            results.append(self.inference_single_image(anchors, scores, deltas, image_size, ious))
-        return results
+        anchors = [a.tensor for a in self.anchor_generator(features)]
+        detections = postprocess_batch(
+            pred_logits, pred_deltas, None if pred_ious is None else [x[..., 0] for x in pred_ious],
+            [anchors] * len(images.image_sizes), self.box2box_transform, images.image_sizes, self.inference_config,
+        )  # fmt: skip
+        return [_to_instances(det, size) for det, size in zip(detections, images.image_sizes)]
 
     def inference_single_image(
         self,
@@ -240,10 +210,12 @@ class IoUAwareRetinaNet(RetinaNet):
             box_cls, box_delta, box_iou, [a.tensor for a in anchors],
             self.box2box_transform, image_size, self.inference_config,
         )
-        result = Instances(
-            image_size, pred_boxes=Boxes(det.boxes), scores=det.scores, pred_classes=det.classes
-        )
-        if det.ious is not None:
-            result.cls_scores = det.cls_scores
-            result.pred_ious = det.ious
-        return result
+        return _to_instances(det, image_size)
+
+
+def _to_instances(det: Detections, image_size: Tuple[int, int]) -> Instances:
+    result = Instances(image_size, pred_boxes=Boxes(det.boxes), scores=det.scores, pred_classes=det.classes)
+    if det.ious is not None:
+        result.cls_scores = det.cls_scores
+        result.pred_ious = det.ious
+    return result

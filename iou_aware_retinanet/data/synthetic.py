@@ -70,6 +70,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from ..atomic import atomic_write
+
 logger = logging.getLogger("iou_aware_retinanet.data")
 
 # Bump whenever a change alters the generated images or annotations: the
@@ -626,10 +628,8 @@ def image_file_name(index: int) -> str:
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a private temporary file, then rename: readers (and other ranks
     generating the same file) never see a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", fsync=False) as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def _write_one(task: Tuple[ShapesSpec, int, str, int, str]) -> List[ShapeObject]:

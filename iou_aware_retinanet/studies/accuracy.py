@@ -60,12 +60,13 @@ from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
-from ..core import postprocess_image
+from ..atomic import atomic_write
+from ..core import image_predictions, postprocess_image
 from ..tv.cli import setup_logging
 from ..tv.config import get_cfg
 from ..tv.data import build_test_loader
 from ..tv.engine import load_model, train
-from ..tv.evaluation import BBOX_METRICS, coco_evaluate, detections_to_coco
+from ..tv.evaluation import coco_evaluate, detections_to_coco
 
 logger = logging.getLogger("iou_aware_retinanet.studies.accuracy")  # not __main__ under -m
 
@@ -162,12 +163,15 @@ def collect_outputs(model, cfg, dataset_name: str):
             dense = model(images)
             heads = dense.head_outputs
             for i, target in enumerate(targets):
+                cls_probs, box_deltas, ious = image_predictions(
+                    heads["cls_logits"], heads["bbox_regression"], heads.get("iou_logits"), i
+                )
                 items.append(
                     ImageOutputs(
                         image_id=int(target["image_id"]),
-                        cls_probs=[x[i].sigmoid() for x in heads["cls_logits"]],
-                        box_deltas=[x[i] for x in heads["bbox_regression"]],
-                        ious=[x[i].sigmoid() for x in heads["iou_logits"]] if "iou_logits" in heads else None,
+                        cls_probs=cls_probs,
+                        box_deltas=box_deltas,
+                        ious=ious,
                         anchors=dense.anchors[i],
                         image_size=tuple(dense.image_sizes[i]),
                         original_size=tuple(dense.original_image_sizes[i]),
@@ -443,9 +447,8 @@ def cached_model_rows(cfg, weights: str) -> Optional[List[list]]:
 
 def write_model_rows(cfg, weights: str, model_rows: List[list]) -> None:
     path = os.path.join(cfg.OUTPUT_DIR, EVAL_CACHE)
-    with open(path + ".partial", "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump({"key": _cache_key(weights, cfg.DATASETS.TEST[0]), "rows": model_rows}, f, indent=1)
-    os.replace(path + ".partial", path)
 
 
 def add_row(rows, key, model, scoring, seed, metrics):

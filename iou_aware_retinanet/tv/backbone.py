@@ -21,8 +21,8 @@
     FREEZE_AT and the FPN keys mean what they mean for the ResNet backbone.
     Mind that Detectron2's defaults (STEM 64, RES2 256) make it wide: a tiny
     config sets e.g. STEM_OUT_CHANNELS 16, RES2_OUT_CHANNELS 16. The Detectron2
-    front-end must register the same name to run the same YAML;
-    :class:`TinyResNet` has no torchvision-detection dependency for that reason.
+    front-end registers the same name on the same body
+    (:mod:`iou_aware_retinanet.modeling.tiny_resnet`) to run the same YAML.
 
 Both return an ``OrderedDict`` of the FPN levels named as in Detectron2
 (``"p3"`` ... ``"p7"``, stride 2**k for ``"pk"``), restricted to
@@ -38,6 +38,8 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..modeling.tiny_resnet import STAGE_MODULES, STAGE_STRIDES, STAGES, TINY_LAYOUTS, TinyResNet, freeze_stages
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +57,8 @@ RESNET_FPN = "build_retinanet_resnet_fpn_backbone"
 TINY_FPN = "build_tiny_fpn_backbone"
 BACKBONES = (RESNET_FPN, TINY_FPN)
 
-STAGES = ("res2", "res3", "res4", "res5")
-STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-# torchvision's module name of each ResNet stage.
-STAGE_MODULES = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
-
 RESNET_DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
 BASIC_BLOCK_DEPTHS = (18, 34)
-TINY_LAYOUTS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 RESNET_NORMS = ("FrozenBN", "BN", "GN")
 FPN_NORMS = ("", "BN", "GN")
@@ -96,7 +92,8 @@ def get_norm(name: str, key: str) -> Optional[Callable[[int], nn.Module]]:
 
 
 def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """``module`` with every BatchNorm2d replaced by a FrozenBatchNorm2d holding its statistics."""
+    """``module`` with every BatchNorm2d replaced by a torchvision FrozenBatchNorm2d holding
+    its statistics (torchvision has the module but no converter; Detectron2's is its own)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         if module.affine:
@@ -111,80 +108,6 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
-
-
-def freeze_stages(body: nn.Module, freeze_at: int) -> None:
-    """Detectron2's FREEZE_AT: 1 freezes the stem, k > 1 the stem and res2..res<k>.
-
-    Frozen stages stop training and their BatchNorms become FrozenBatchNorm2d,
-    as Detectron2's ``ResNet.freeze`` does.
-    """
-    stages = [("conv1", "bn1")] + [(STAGE_MODULES[s],) for s in STAGES]
-    for names in stages[:freeze_at]:
-        for name in names:
-            setattr(body, name, convert_frozen_batchnorm(getattr(body, name)))
-            for p in getattr(body, name).parameters():
-                p.requires_grad_(False)
-
-
-class TinyResNet(nn.Module):
-    """A ResNet of torchvision ``BasicBlock`` s at any width (the tiny backbone's body).
-
-    Same module names as torchvision's ResNet (``conv1``, ``bn1``, ``layer1`` ..
-    ``layer4``), same stem (7x7 / 2 conv, 3x3 / 2 max-pool) and initialisation;
-    stage k has ``res2_channels * 2**(k - 2)`` channels. ``forward`` returns
-    ``{"res2": ..., "res5": ...}`` (strides 4 to 32).
-    """
-
-    def __init__(
-        self,
-        depth: int = 18,
-        stem_channels: int = 16,
-        res2_channels: int = 16,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-    ):
-        super().__init__()
-        if depth not in TINY_LAYOUTS:
-            raise ValueError(f"TinyResNet depth must be one of {sorted(TINY_LAYOUTS)}, got {depth}")
-        self.conv1 = nn.Conv2d(3, stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(stem_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        in_channels = stem_channels
-        self.out_feature_channels: Dict[str, int] = {}
-        for index, (stage, num_blocks) in enumerate(zip(STAGES, TINY_LAYOUTS[depth])):
-            channels = res2_channels * 2**index
-            stride = 1 if index == 0 else 2
-            blocks = []
-            for block in range(num_blocks):
-                downsample = None
-                if block == 0 and (stride != 1 or in_channels != channels):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False),
-                        norm_layer(channels),
-                    )
-                blocks.append(
-                    tv_resnet.BasicBlock(
-                        in_channels, channels, stride if block == 0 else 1, downsample, norm_layer=norm_layer
-                    )
-                )
-                in_channels = channels
-            setattr(self, STAGE_MODULES[stage], nn.Sequential(*blocks))
-            self.out_feature_channels[stage] = channels
-        for m in self.modules():  # torchvision's ResNet initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out = {}
-        for stage in STAGES:
-            x = getattr(self, STAGE_MODULES[stage])(x)
-            out[stage] = x
-        return out
 
 
 class FPNBackbone(BackboneWithFPN):
@@ -335,9 +258,22 @@ def _stage_channels(cfg) -> Dict[str, int]:
     return {s: 64 * expansion * 2**i for i, s in enumerate(STAGES)}
 
 
+def _check_in_features(cfg, strides: Dict[str, int]) -> None:
+    """MODEL.RETINANET.IN_FEATURES: FPN outputs (``strides``: name -> stride), by increasing stride."""
+    in_features = list(cfg.MODEL.RETINANET.IN_FEATURES)
+    unknown = [f for f in in_features if f not in strides]
+    if not in_features or unknown:
+        raise ValueError(
+            f"MODEL.RETINANET.IN_FEATURES={in_features}: features must be among the backbone's "
+            f"outputs {list(strides)}"
+        )
+    if [strides[f] for f in in_features] != sorted(strides[f] for f in in_features):
+        raise ValueError(f"MODEL.RETINANET.IN_FEATURES={in_features} must be ordered by increasing stride")
+
+
 def build_backbone(cfg) -> FPNBackbone:
     """The backbone named by ``MODEL.BACKBONE.NAME``, returning ``MODEL.RETINANET.IN_FEATURES``."""
-    check_backbone_cfg(cfg)
+    _check_in_features(cfg, check_backbone_cfg(cfg))
     res = cfg.MODEL.RESNETS
     if cfg.MODEL.BACKBONE.NAME == TINY_FPN:
         body = TinyResNet(
@@ -348,7 +284,7 @@ def build_backbone(cfg) -> FPNBackbone:
         )
     else:
         body = _build_resnet_body(cfg)
-    freeze_stages(body, cfg.MODEL.BACKBONE.FREEZE_AT)
+    freeze_stages(body, cfg.MODEL.BACKBONE.FREEZE_AT, convert_frozen_batchnorm)
     if not cfg.MODEL.WEIGHTS:
         if cfg.MODEL.BACKBONE.FREEZE_AT > 0:
             logger.warning(

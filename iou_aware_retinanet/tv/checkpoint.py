@@ -10,25 +10,33 @@ Accepted files (a local path or an http(s) URL, read with
   loaded into ``backbone.body``, the classifier (``fc.*``) dropped.
 
 Refused with a ValueError: Detectron2 ``.pkl`` / ``detectron2://`` files and
-Detectron2 ``.pth`` checkpoints (different parameter names). As Detectron2's
-checkpointer does, parameters whose shapes differ are skipped with a warning
-and missing / unexpected keys are logged, so e.g. a baseline checkpoint loads
-into an IoU-aware model, whose ``iou_pred`` then starts from its
-initialisation.
+Detectron2 ``.pth`` checkpoints (different parameter names). Loading is
+fvcore's (Detectron2's) checkpointer's: parameters whose shapes differ are
+skipped with a warning and missing / unexpected keys are logged, so e.g. a
+baseline checkpoint loads into an IoU-aware model, whose ``iou_pred`` then
+starts from its initialisation.
+
+:class:`Checkpointer` is fvcore's ``Checkpointer`` (Detectron2's file layout:
+``{"model": ..., <checkpointable>: state_dict, **extra}`` and a
+``last_checkpoint`` file naming the newest) with reads through
+``torch.load(weights_only=True)`` and atomic writes; the training engine's
+checkpointer (:class:`.engine.Checkpointer`) builds on it.
 """
 import logging
 import os
-from collections import OrderedDict
-from typing import Dict, Mapping, Optional
+import pickle
+from typing import Mapping, Optional
 
 import torch
+from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
 from torch import nn
 
+from ..atomic import atomic_write
 from .config import check_weights_path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["last_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "write_last_checkpoint"]
+__all__ = ["Checkpointer", "last_checkpoint", "load_checkpoint", "load_weights", "save_checkpoint", "write_last_checkpoint"]
 
 
 def _read(path: str):
@@ -48,6 +56,8 @@ def _torch_load(path: str):
             f"cannot read {path}: {e}. The file is truncated or not a PyTorch checkpoint "
             "(an interrupted copy or a full disk?)"
         ) from e
+    except pickle.UnpicklingError as e:  # an object weights_only=True does not read (e.g. code)
+        raise RuntimeError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
 
 
 def _state_dict_of(checkpoint, path: str) -> Mapping[str, torch.Tensor]:
@@ -55,16 +65,6 @@ def _state_dict_of(checkpoint, path: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"MODEL.WEIGHTS={path!r} holds no state dict (expected a dict of tensors or {{'model': ...}})")
     return state
-
-
-def _with_metadata(values: Dict[str, torch.Tensor], like: Mapping) -> "OrderedDict[str, torch.Tensor]":
-    """``values`` as a state dict carrying ``like``'s module versions (``_metadata``),
-    which ``load_state_dict`` uses to upgrade old layouts."""
-    out = OrderedDict(values)
-    metadata = getattr(like, "_metadata", None)
-    if metadata is not None:
-        out._metadata = metadata
-    return out
 
 
 def _is_detectron2(state: Mapping) -> bool:
@@ -89,27 +89,22 @@ def load_weights(model: nn.Module, path: str):
         state = {f"backbone.body.{k}": v for k, v in state.items() if not k.startswith("fc.")}
 
     own = model.state_dict()
-    loadable = {}
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            logger.warning(
-                "Skip loading %s: shape %s in the checkpoint, %s in the model", key, tuple(value.shape),
-                tuple(own[key].shape),
-            )
-            continue
-        loadable[key] = value
     # BatchNorm's step counters match any BN model: they prove nothing about the weights.
-    if not any(key in own and not key.endswith("num_batches_tracked") for key in loadable):
+    if not any(
+        key in own and own[key].shape == value.shape and not key.endswith("num_batches_tracked")
+        for key, value in state.items()
+    ):
         raise ValueError(
             f"MODEL.WEIGHTS={path!r}: no parameter of the checkpoint matches the model "
             "(names or shapes differ everywhere): is it a checkpoint of this model?"
         )
-    incompatible = model.load_state_dict(_with_metadata(loadable, state), strict=False)
-    if incompatible.missing_keys:
-        logger.warning("Keys not found in %s (left as initialised): %s", path, ", ".join(incompatible.missing_keys))
-    if incompatible.unexpected_keys:
-        logger.warning("Keys of %s not in the model (ignored): %s", path, ", ".join(incompatible.unexpected_keys))
-    return incompatible
+    logger.info("Loading MODEL.WEIGHTS %s", path)
+    # fvcore's model loading: skips (and logs) shape mismatches, loads the rest with
+    # strict=False, logs missing / unexpected keys. The state dict keeps its _metadata.
+    checkpointer = Checkpointer(model)
+    incompatible = checkpointer._load_model({"model": state})
+    checkpointer._log_incompatible_keys(incompatible)
+    return incompatible  # missing_keys, unexpected_keys, incorrect_shapes
 
 
 def save_checkpoint(model: nn.Module, path: str, state: Optional[Mapping] = None, **extra) -> None:
@@ -122,16 +117,8 @@ def save_checkpoint(model: nn.Module, path: str, state: Optional[Mapping] = None
     ``state_dict()``. ``state`` replaces ``model.state_dict()`` when given.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_save({"model": model.state_dict() if state is None else state, **extra}, path)
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save({"model": model.state_dict() if state is None else state, **extra}, f)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -149,13 +136,8 @@ LAST_CHECKPOINT = "last_checkpoint"
 
 def write_last_checkpoint(output_dir: str, file_name: str) -> None:
     """Record ``file_name`` (in ``output_dir``) as the newest checkpoint, atomically (Detectron2's layout)."""
-    path = os.path.join(output_dir, LAST_CHECKPOINT)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(output_dir, LAST_CHECKPOINT)) as f:
         f.write(file_name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def last_checkpoint(output_dir: str):
@@ -169,3 +151,48 @@ def last_checkpoint(output_dir: str):
     if not name or not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"{path} names {name!r}, which is not in {output_dir}")
     return checkpoint
+
+
+class Checkpointer(_FvcoreCheckpointer):
+    """fvcore's ``Checkpointer`` with what this project needs more.
+
+    * :meth:`_load_file` reads with ``torch.load(weights_only=True)`` (fvcore's
+      ``torch.load`` unpickles anything, i.e. runs code from the file), names
+      the file in its errors and requires a ``"model"`` entry;
+    * :meth:`save` and :meth:`tag_last_checkpoint` write atomically (fvcore
+      writes in place: a kill mid-write leaves a truncated newest checkpoint);
+      :meth:`save` returns the path and takes the model ``state`` to write;
+    * :meth:`get_checkpoint_file` fails when ``last_checkpoint`` names a file that
+      is not there (fvcore returns the path, which then fails as "not found").
+
+    Messages go to this module's logger (the project's ``log.txt``).
+    """
+
+    def __init__(self, model: nn.Module, save_dir: str = "", **checkpointables):
+        super().__init__(model, save_dir, **checkpointables)
+        self.logger = logger
+
+    def save(self, name: str, state: Optional[Mapping] = None, **extra) -> Optional[str]:
+        """Write ``save_dir/<name>.pth`` atomically and name it in ``last_checkpoint``:
+        ``{"model": state or model.state_dict(), <checkpointable>: its state_dict(), **extra}``.
+        ``extra`` must be readable with ``weights_only=True``. Returns the path (None without a ``save_dir``)."""
+        if not self.save_dir or not self.save_to_disk:
+            return None
+        data = {"model": self.model.state_dict() if state is None else state}
+        data.update((key, obj.state_dict()) for key, obj in self.checkpointables.items())
+        data.update(extra)
+        os.makedirs(self.save_dir, exist_ok=True)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        with atomic_write(path, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(os.path.basename(path))
+        return path
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        write_last_checkpoint(self.save_dir, last_filename_basename)
+
+    def get_checkpoint_file(self) -> str:
+        return last_checkpoint(self.save_dir) or ""
+
+    def _load_file(self, f: str) -> dict:
+        return load_checkpoint(f)

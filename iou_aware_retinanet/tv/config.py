@@ -11,8 +11,9 @@ YAML experiment file therefore means the same thing on both front-ends:
 * a key in the subset set to a value this front-end cannot honour (a ResNet
   norm other than FrozenBN / BN / GN, a Detectron2 ``.pkl`` in
   ``MODEL.WEIGHTS``, ...) is a ``ValueError`` naming the key and what is
-  supported, raised by :func:`check_cfg` (which :func:`~.model.build_model`
-  calls).
+  supported, raised once, by whoever reads the key: :func:`check_cfg` for
+  the run's keys (VERSION, META_ARCHITECTURE, WEIGHTS, INPUT, SOLVER), the
+  builders of :func:`~.model.build_model` for the model's.
 
 Because the defaults are Detectron2's, a bare ``get_cfg()`` does not describe
 a buildable RetinaNet (``MODEL.META_ARCHITECTURE`` is ``"GeneralizedRCNN"``,
@@ -58,7 +59,6 @@ Keys honoured, beyond the project's own (``MODEL.IOU_AWARE``, ``MODEL.ASSIGNER``
 The DATASETS / DATALOADER / SOLVER / TEST.EVAL_PERIOD / OUTPUT_DIR / SEED keys
 are read by the train / evaluate entry point, not by the model.
 """
-import math
 from typing import List
 
 from fvcore.common.config import CfgNode as CN
@@ -244,71 +244,36 @@ def _check_input(cfg) -> None:
 
 
 def _check_solver(cfg) -> None:
-    _choice(cfg.SOLVER.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
-    _choice(cfg.SOLVER.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", WARMUP_METHODS)
-    _choice(cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", CLIP_TYPES)
-    if cfg.SOLVER.IMS_PER_BATCH < 1:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH must be >= 1, got {cfg.SOLVER.IMS_PER_BATCH}")
-    steps = list(cfg.SOLVER.STEPS)
+    """The SOLVER keys (and TEST.EVAL_PERIOD) the training engine reads; each error names its key."""
+    solver = cfg.SOLVER
+    _choice(solver.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
+    _choice(solver.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", WARMUP_METHODS)
+    _choice(solver.CLIP_GRADIENTS.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", CLIP_TYPES)
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        if solver[key] < 1:
+            raise ValueError(f"SOLVER.{key} must be >= 1, got {solver[key]}")
+    if solver.BASE_LR <= 0:
+        raise ValueError(f"SOLVER.BASE_LR must be positive, got {solver.BASE_LR}")
+    steps = list(solver.STEPS)
     if steps != sorted(steps):
         raise ValueError(f"SOLVER.STEPS must be increasing, got {steps}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate only at the end), got {cfg.TEST.EVAL_PERIOD}")
 
 
 def check_cfg(cfg) -> None:
-    """Raise ValueError for any value of ``cfg`` this front-end cannot honour.
+    """Raise ValueError for a value of the run's keys this front-end cannot honour.
 
-    Covers the model (architecture, backbone, anchors, head, assigner, losses,
-    inference), the input pipeline and the solver, so that an experiment
-    fails before it starts. Unknown keys never reach here: merging a file
-    with one raises KeyError.
+    The keys the entry points and the input pipeline read: VERSION,
+    MODEL.META_ARCHITECTURE, MODEL.WEIGHTS, INPUT, SOLVER. The model's keys are
+    validated by the builders that read them, once, when
+    :func:`~.model.build_model` builds (``train`` builds the model before it
+    reads any data). Unknown keys never reach here: merging a file with one
+    raises KeyError.
     """
-    # Imported here: the builders import this module.
-    from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_config_from_cfg
-    from .anchors import anchor_params_from_cfg
-    from .backbone import check_backbone_cfg
-    from .model import head_norm_from_cfg
-
     if cfg.VERSION != 2:
         raise ValueError(f"VERSION={cfg.VERSION!r}: only version 2 configs are supported")
     _choice(cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE", (META_ARCHITECTURE,))
     check_weights_path(cfg.MODEL.WEIGHTS)
     _check_input(cfg)
     _check_solver(cfg)
-
-    strides = check_backbone_cfg(cfg)  # name -> stride of every FPN output
-    in_features = list(cfg.MODEL.RETINANET.IN_FEATURES)
-    unknown = [f for f in in_features if f not in strides]
-    if not in_features or unknown:
-        raise ValueError(
-            f"MODEL.RETINANET.IN_FEATURES={in_features}: features must be among the backbone's "
-            f"outputs {list(strides)}"
-        )
-    if [strides[f] for f in in_features] != sorted(strides[f] for f in in_features):
-        raise ValueError(f"MODEL.RETINANET.IN_FEATURES={in_features} must be ordered by increasing stride")
-    anchor_params_from_cfg(cfg, [strides[f] for f in in_features])
-    head_norm_from_cfg(cfg)
-    if cfg.MODEL.RETINANET.NUM_CLASSES < 1:
-        raise ValueError(f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {cfg.MODEL.RETINANET.NUM_CLASSES}")
-    if cfg.MODEL.RETINANET.NUM_CONVS < 0:
-        raise ValueError(f"MODEL.RETINANET.NUM_CONVS must be >= 0, got {cfg.MODEL.RETINANET.NUM_CONVS}")
-    if not 0.0 < cfg.MODEL.RETINANET.PRIOR_PROB < 1.0:
-        raise ValueError(f"MODEL.RETINANET.PRIOR_PROB must lie in (0, 1), got {cfg.MODEL.RETINANET.PRIOR_PROB}")
-    weights = cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS
-    if len(weights) != 4 or any(not (w > 0 and math.isfinite(w)) for w in weights):
-        raise ValueError(f"MODEL.RETINANET.BBOX_REG_WEIGHTS must be 4 positive numbers, got {list(weights)}")
-    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
-        raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
-    _naming_key(f"MODEL.ASSIGNER ({cfg.MODEL.ASSIGNER.NAME})", build_assigner_from_cfg, cfg)
-    _naming_key("MODEL.RETINANET.BBOX_REG_LOSS_TYPE", loss_config_from_cfg, cfg)
-    inference_config_from_cfg(cfg, clip_to_image=True)
-
-
-def _naming_key(key: str, build, cfg):
-    """``build(cfg)``, with ``key`` added to a ValueError that does not name a key."""
-    try:
-        return build(cfg)
-    except ValueError as e:
-        if "MODEL." in str(e):
-            raise
-        raise ValueError(f"{key}: {e}") from e
-

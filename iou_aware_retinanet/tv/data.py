@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import builtin
+from ..data.config_datasets import coco_instances_from_cfg
 from ..data.coco import (
     CocoDetectionData,
     CocoDetectionDataset,
@@ -78,30 +79,12 @@ def derive_seed(*values: int) -> int:
 # --------------------------------------------------------------------------- names
 
 
-def _config_datasets(cfg) -> dict:
-    datasets = {}
-    for entry in cfg.DATASETS.COCO_INSTANCES:
-        if (
-            not isinstance(entry, (list, tuple))
-            or len(entry) != 3
-            or not all(isinstance(v, str) and v for v in entry)
-        ):
-            raise ValueError(
-                f"DATASETS.COCO_INSTANCES entries are [name, json_file, image_root] (three strings), got {entry!r}"
-            )
-        name, json_file, image_root = entry
-        if name in datasets and datasets[name] != (json_file, image_root):
-            raise ValueError(f"DATASETS.COCO_INSTANCES names {name!r} twice, with different files")
-        datasets[name] = (json_file, image_root)
-    return datasets
-
-
 def resolve_dataset(cfg, name: str, key: str = "DATASETS") -> Tuple[str, str]:
     """(json file, image folder) of dataset ``name``; generates a built-in shapes split if needed.
 
     ``key`` (e.g. ``"DATASETS.TRAIN"``) is named in the error for an unknown name.
     """
-    own = _config_datasets(cfg)
+    own = coco_instances_from_cfg(cfg)
     if name in own:
         return own[name]
     try:
@@ -135,7 +118,7 @@ def load_dataset(cfg, name: str, key: str = "DATASETS.TEST", drop_empty: bool = 
 def dataset_categories(cfg, name: str) -> Optional[List[Tuple[int, str]]]:
     """(COCO category id, name) of ``name``'s classes in contiguous order (increasing id),
     read without loading or generating images; None, with a warning, when unavailable."""
-    if name in builtin.BUILTIN_SHAPES and name not in _config_datasets(cfg):
+    if name in builtin.BUILTIN_SHAPES and name not in coco_instances_from_cfg(cfg):
         # The generator numbers the categories 1..K in this order.
         return [(i + 1, n) for i, n in enumerate(builtin.shapes_class_names(name))]
     try:

@@ -14,14 +14,16 @@ What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
   normalization layers, ``SOLVER.BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS`` for
   biases), optional per-parameter gradient clipping
   (``SOLVER.CLIP_GRADIENTS``), and the ``WarmupMultiStepLR`` /
-  ``WarmupCosineLR`` schedules: the learning rate of iteration ``i`` is
-  ``BASE_LR * f(i)``;
+  ``WarmupCosineLR`` schedules, fvcore's ParamSchedulers composed as
+  Detectron2's ``build_lr_scheduler`` does: the learning rate of iteration
+  ``i`` is ``BASE_LR * f(i / MAX_ITER)``, Detectron2's to the last bit;
 * a tqdm progress bar (losses, learning rate, it/s); every 20 iterations a
   line in ``OUTPUT_DIR/log.txt`` and a json object in
   ``OUTPUT_DIR/metrics.json`` (window medians of the losses, as Detectron2);
 * a checkpoint ``model_<iter>.pth`` after every ``SOLVER.CHECKPOINT_PERIOD``
   iterations and ``model_final.pth`` at the end, each written atomically,
-  ``last_checkpoint`` naming the newest; they hold the model, optimizer,
+  ``last_checkpoint`` naming the newest (fvcore's ``Checkpointer``, see
+  :class:`.checkpoint.Checkpointer`); they hold the model, optimizer,
   scheduler, iteration and seed, and load with ``torch.load(weights_only=True)``;
 * ``resume=True`` continues from ``last_checkpoint``: the data order, the
   flips and the global RNG are functions of ``(seed, iteration)``
@@ -32,12 +34,10 @@ What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
 * evaluation on ``DATASETS.TEST`` every ``TEST.EVAL_PERIOD`` iterations
   (0: never) and after the last one.
 """
-import bisect
 import contextlib
 import datetime
 import json
 import logging
-import math
 import os
 import random
 import statistics
@@ -48,10 +48,20 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from fvcore.common.param_scheduler import (
+    CompositeParamScheduler,
+    ConstantParamScheduler,
+    CosineParamScheduler,
+    LinearParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+)
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import last_checkpoint, load_checkpoint, load_weights, save_checkpoint, write_last_checkpoint
+from . import checkpoint as _checkpoint
+from .checkpoint import load_checkpoint, load_weights, write_last_checkpoint
+from ..atomic import atomic_write
 from ..data.coco import read_image_rgb
 from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
 from .data import dataset_class_names, derive_seed, load_dataset, load_train_records, resolve_dataset, build_train_loader
@@ -67,14 +77,14 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "non_finite_tensors",
-    "WarmupLRScheduler",
+    "LRMultiplier",
     "build_lr_scheduler",
     "build_optimizer",
     "evaluate",
     "evaluate_all",
     "get_default_optimizer_params",
     "load_model",
-    "lr_factor",
+    "lr_multiplier",
     "resolve_seed",
     "seed_all",
     "train",
@@ -184,8 +194,39 @@ def _steps(cfg) -> List[int]:
     return kept
 
 
-def lr_factor(cfg, iteration: int, steps: Optional[List[int]] = None) -> float:
-    """The learning rate of ``iteration`` divided by the base one, with Detectron2's semantics.
+def _multi_step(cfg) -> MultiStepParamScheduler:
+    """``GAMMA ** (number of STEPS <= iteration)``. fvcore wants milestones strictly inside
+    (0, MAX_ITER): a step at 0 (or repeated) goes into the values instead, and one at
+    MAX_ITER changes no trained iteration. For the usual increasing steps in between
+    these are Detectron2's values, ``GAMMA ** k``."""
+    steps = _steps(cfg)
+    milestones = sorted({s for s in steps if 0 < s < cfg.SOLVER.MAX_ITER})
+    values = [cfg.SOLVER.GAMMA ** sum(s <= m for s in steps) for m in [0] + milestones]
+    return MultiStepParamScheduler(values=values, milestones=milestones, num_updates=cfg.SOLVER.MAX_ITER)
+
+
+def _with_warmup(schedule: ParamScheduler, factor: float, length: float, method: str) -> CompositeParamScheduler:
+    """``schedule`` preceded by a warmup over the first ``length`` (a fraction) of training:
+    "linear" from ``factor * schedule(0)`` to ``schedule(length)``, "constant" at the former.
+
+    Detectron2's ``WarmupParamScheduler`` (without ``RESCALE_INTERVAL``, a key this
+    front-end does not have), composed here from fvcore's schedulers: fvcore has no
+    warmup scheduler and this front-end must run without Detectron2.
+    """
+    start = factor * schedule(0.0)
+    if method == "constant":
+        warmup = ConstantParamScheduler(start)
+    elif method == "linear":
+        warmup = LinearParamScheduler(start, schedule(length))
+    else:
+        raise ValueError(f"SOLVER.WARMUP_METHOD={method!r}; supported: 'linear', 'constant'")
+    return CompositeParamScheduler(
+        [warmup, schedule], lengths=[length, 1.0 - length], interval_scaling=["rescaled", "fixed"]
+    )
+
+
+def lr_multiplier(cfg) -> ParamScheduler:
+    """The learning rate divided by the base one, as a function of ``where = iteration / MAX_ITER``.
 
     WarmupMultiStepLR: ``GAMMA ** (number of STEPS <= iteration)``; WarmupCosineLR:
     from 1 down to ``BASE_LR_END / BASE_LR`` over ``MAX_ITER``. Before
@@ -194,70 +235,73 @@ def lr_factor(cfg, iteration: int, steps: Optional[List[int]] = None) -> float:
     of the warmup; "constant" stays at the former.
     """
     solver = cfg.SOLVER
-    steps = _steps(cfg) if steps is None else steps
-    max_iter = solver.MAX_ITER
-
-    def schedule(i: int) -> float:
-        if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
-            return solver.GAMMA ** bisect.bisect_right(steps, i)
-        if solver.LR_SCHEDULER_NAME == "WarmupCosineLR":
-            end = solver.BASE_LR_END / solver.BASE_LR
-            return end + 0.5 * (1.0 - end) * (1.0 + math.cos(math.pi * min(i / max_iter, 1.0)))
+    if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
+        schedule = _multi_step(cfg)
+    elif solver.LR_SCHEDULER_NAME == "WarmupCosineLR":
+        schedule = CosineParamScheduler(1.0, solver.BASE_LR_END / solver.BASE_LR)
+    else:
         raise ValueError(
             f"SOLVER.LR_SCHEDULER_NAME={solver.LR_SCHEDULER_NAME!r}; supported: 'WarmupMultiStepLR', 'WarmupCosineLR'"
         )
-
-    warmup_iters = min(solver.WARMUP_ITERS, max_iter)
-    if iteration >= warmup_iters:
-        return schedule(iteration)
-    start = solver.WARMUP_FACTOR * schedule(0)
-    if solver.WARMUP_METHOD == "constant":
-        return start
-    if solver.WARMUP_METHOD != "linear":
-        raise ValueError(f"SOLVER.WARMUP_METHOD={solver.WARMUP_METHOD!r}; supported: 'linear', 'constant'")
-    alpha = iteration / warmup_iters
-    return start * (1.0 - alpha) + schedule(warmup_iters) * alpha
+    length = min(solver.WARMUP_ITERS / solver.MAX_ITER, 1.0)
+    return _with_warmup(schedule, solver.WARMUP_FACTOR, length, solver.WARMUP_METHOD)
 
 
-class WarmupLRScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """``lr = initial_lr * lr_factor(cfg, last_epoch)`` for every group; ``step()`` after each iteration.
+class LRMultiplier(torch.optim.lr_scheduler.LRScheduler):
+    """``lr = initial_lr * multiplier(last_epoch / max_iter)`` for every group; ``step()`` after each iteration.
 
-    Its ``state_dict`` is the position only (``last_epoch``, ``base_lrs``):
-    as with Detectron2's ``LRMultiplier``, the schedule itself comes from the
-    config, so a resumed run may change e.g. ``SOLVER.STEPS``.
+    Detectron2's ``LRMultiplier``, written here (fvcore has none; Detectron2 may
+    not be imported by this front-end). Its ``state_dict`` is the position
+    only: the schedule itself comes from the config, so a resumed run may
+    change e.g. ``SOLVER.STEPS``. It holds the keys the earlier hand-written
+    scheduler saved (``_step_count`` and ``_last_lr`` too, which Detectron2's
+    drops), so checkpoints of either resume exactly.
     """
 
     _STATE = ("last_epoch", "base_lrs", "_step_count", "_last_lr")
 
-    def __init__(self, optimizer, cfg, last_epoch: int = -1):
-        self.cfg = cfg
-        self.steps = _steps(cfg)
-        super().__init__(optimizer, last_epoch)
+    def __init__(self, optimizer, multiplier: ParamScheduler, max_iter: int, last_iter: int = -1):
+        if not isinstance(multiplier, ParamScheduler):
+            raise TypeError(f"multiplier must be an fvcore ParamScheduler, got {type(multiplier).__name__}")
+        self._multiplier, self._max_iter = multiplier, max_iter
+        super().__init__(optimizer, last_iter)
 
     def get_lr(self) -> List[float]:
-        factor = lr_factor(self.cfg, self.last_epoch, self.steps)
-        return [base * factor for base in self.base_lrs]
+        multiplier = self._multiplier(self.last_epoch / self._max_iter)
+        return [base * multiplier for base in self.base_lrs]
 
     def state_dict(self) -> dict:
         return {key: self.__dict__[key] for key in self._STATE if key in self.__dict__}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        missing = [key for key in ("last_epoch", "base_lrs") if key not in state_dict]
+        if missing:
+            raise ValueError(f"the checkpoint's scheduler state has no {', '.join(missing)}: cannot resume its position")
         self.__dict__.update({key: state_dict[key] for key in self._STATE if key in state_dict})
 
 
-def build_lr_scheduler(cfg, optimizer) -> WarmupLRScheduler:
-    return WarmupLRScheduler(optimizer, cfg)
+def build_lr_scheduler(cfg, optimizer) -> LRMultiplier:
+    """Detectron2's ``build_lr_scheduler``: :func:`lr_multiplier` driving every group of ``optimizer``."""
+    return LRMultiplier(optimizer, lr_multiplier(cfg), max_iter=cfg.SOLVER.MAX_ITER)
 
 
 # --------------------------------------------------------------------------- checkpoints and logs
 
 
-class Checkpointer:
-    """Saves and restores everything an exact resume needs, in ``output_dir``."""
+class Checkpointer(_checkpoint.Checkpointer):
+    """Saves and restores everything an exact resume needs, in ``output_dir``.
+
+    fvcore's ``Checkpointer`` through :class:`.checkpoint.Checkpointer` (weights_only
+    reads, atomic writes), with: saving refused for NaN / inf weights, BatchNorm
+    buffers given by the caller, a strict model load on resume, and a fallback to
+    the newest older readable checkpoint when the named one is truncated.
+    """
 
     def __init__(self, output_dir: str, model, optimizer, scheduler):
-        self.output_dir, self.model, self.optimizer, self.scheduler = output_dir, model, optimizer, scheduler
+        super().__init__(model, output_dir, optimizer=optimizer, scheduler=scheduler)
+        self.output_dir, self.optimizer, self.scheduler = output_dir, optimizer, scheduler
         self.last_saved: Optional[str] = None  # the newest checkpoint written or resumed from
+        self._loaded: Optional[str] = None  # the file _load_file read
 
     def last_good_note(self) -> str:
         return last_good_note(self.last_saved)
@@ -276,32 +320,34 @@ class Checkpointer:
                 f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
                 "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
             )
-        path = os.path.join(self.output_dir, f"{name}.pth")
-        save_checkpoint(
-            self.model, path, state=state,
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            iteration=int(iteration), seed=int(seed),
-        )  # fmt: skip
-        write_last_checkpoint(self.output_dir, os.path.basename(path))
+        path = super().save(name, state=state, iteration=int(iteration), seed=int(seed))
         self.last_saved = path
         logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
         return path
 
     def resume(self) -> Optional[dict]:
-        """Load ``last_checkpoint`` into model, optimizer and scheduler; None when there is none."""
-        path = last_checkpoint(self.output_dir)
-        if path is None:
+        """Load ``last_checkpoint`` into model, optimizer and scheduler; None when there is none.
+
+        Returns what else the checkpoint holds (``iteration``, ``seed``)."""
+        if not self.has_checkpoint():
             return None
-        checkpoint, path = self._load_newest_readable(path)
+        extra = self.load(self.get_checkpoint_file())  # fvcore: _load_file, _load_model, then the checkpointables
+        self.last_saved = self._loaded
+        logger.info("Resuming from %s (iteration %d)", self.last_saved, extra["iteration"])
+        return extra
+
+    def _load_file(self, f: str) -> dict:
+        checkpoint, self._loaded = self._load_newest_readable(f)
         missing = [key for key in ("optimizer", "scheduler", "iteration", "seed") if key not in checkpoint]
         if missing:
-            raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        logger.info("Resuming from %s (iteration %d)", path, checkpoint["iteration"])
-        self.last_saved = path
+            raise ValueError(f"{self._loaded} cannot be resumed from: it has no {', '.join(missing)}")
         return checkpoint
+
+    def _load_model(self, checkpoint: dict):
+        # Strict, unlike fvcore's (which skips mismatched shapes and missing keys with a
+        # warning): a resume restores every tensor of this model, or fails.
+        self.model.load_state_dict(checkpoint.pop("model"))
+        return None  # nothing incompatible to log
 
     def _load_newest_readable(self, named: str):
         """``named`` loaded, or else the newest older ``model_*.pth`` that loads (a truncated
@@ -400,10 +446,8 @@ def console_filter() -> logging.Filter:
 
 
 def save_config(cfg, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(cfg.dump())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -411,6 +455,7 @@ def save_config(cfg, path: str) -> None:
 
 def load_model(cfg, weights: str):
     """The model of ``cfg`` with ``weights`` loaded, in eval mode."""
+    check_cfg(cfg)  # the run's keys (INPUT: the test-time resizing); build_model checks the model's
     model = build_model(cfg)
     incompatible = load_weights(model, weights)
     # Evaluating or predicting with layers left at their initialisation reports the
@@ -443,17 +488,6 @@ def _flatten(results: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, float
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _check_solver(cfg) -> None:
-    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
-        if cfg.SOLVER[key] < 1:
-            raise ValueError(f"SOLVER.{key} must be >= 1, got {cfg.SOLVER[key]}")
-    if cfg.SOLVER.BASE_LR <= 0:
-        raise ValueError(f"SOLVER.BASE_LR must be positive, got {cfg.SOLVER.BASE_LR}")
-    if cfg.TEST.EVAL_PERIOD < 0:
-        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate only at the end), got {cfg.TEST.EVAL_PERIOD}")
-    lr_factor(cfg, 0)  # scheduler name and warmup method
 
 
 def _to_device(images, targets, device):
@@ -632,8 +666,7 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
     """
     cfg = cfg.clone()
     cfg.freeze()
-    check_cfg(cfg)  # the model's keys: fail before any data is read
-    _check_solver(cfg)
+    check_cfg(cfg)  # the run's keys (SOLVER included): fail before any data is read
     if not resume:
         _refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -641,12 +674,11 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
         save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
         logger.info("Full config saved to %s:\n%s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-        records, class_names = load_train_records(cfg)
-        _check_test_datasets(cfg, class_names)
-
         seed = resolve_seed(cfg)
         seed_all(seed)
-        model = build_model(cfg)
+        model = build_model(cfg)  # its builders validate the model's keys: before any data is read
+        records, class_names = load_train_records(cfg)  # (no global RNG: the weights do not depend on the order)
+        _check_test_datasets(cfg, class_names)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
         checkpointer = Checkpointer(cfg.OUTPUT_DIR, model, optimizer, scheduler)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
 
+from ..atomic import atomic_write
 from .data import build_test_loader
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,8 @@ class EvaluationResult:
 
 def atomic_write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:

@@ -25,6 +25,7 @@ Differences from torchvision, on purpose:
 * TorchScript is not supported (torchvision's RetinaNet scripts; this one
   calls the plain-Python core).
 """
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -46,20 +47,20 @@ from ..core import (
     BoxCoder,
     InferenceConfig,
     LossConfig,
-    Predictions,
     build_assigner,
+    assign_batch,
+    box_and_iou_outputs,
     build_iou_predictor,
-    dense_detection_losses,
-    postprocess_image,
+    postprocess_batch,
+    training_losses,
 )
-from ..core.losses import IOU_TARGET_ENTROPY, warn_if_no_positives
+from ..core.losses import IOU_TARGET_ENTROPY
 from .anchors import AnchorGenerator, build_anchor_generator
 from .backbone import build_backbone, get_norm
-from .config import check_cfg
 from .transform import build_transform
 
 
-__all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead", "build_model", "build_torchvision_retinanet", "head_norm_from_cfg"]
+__all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead", "build_model", "head_norm_from_cfg"]
 
 HEAD_NORMS = ("", "GN")
 
@@ -139,9 +140,9 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
             return out
         deltas, ious = [], []
         for feature in x:
-            tower = self.regression_head.conv(feature)
-            deltas.append(_flatten_level(self.regression_head.bbox_reg(tower), 4))
-            ious.append(_flatten_level(self.iou_pred(tower), 1))
+            box, iou = box_and_iou_outputs(self.regression_head.conv(feature), self.regression_head.bbox_reg, self.iou_pred)
+            deltas.append(_flatten_level(box, 4))
+            ious.append(_flatten_level(iou, 1))
         out["bbox_regression"] = torch.cat(deltas, dim=1)
         out["iou_logits"] = torch.cat(ious, dim=1).squeeze(-1)
         return out
@@ -224,7 +225,8 @@ class IoUAwareRetinaNet(RetinaNet):
         self.assigner = assigner if assigner is not None else build_assigner("max_iou", num_classes)
         if self.assigner.num_classes != num_classes:
             raise ValueError(f"the assigner has {self.assigner.num_classes} classes, the model {num_classes}")
-        self.loss_config = loss_config or LossConfig()
+        # Default: the classification loss the assigner's targets are made for (see core.losses).
+        self.loss_config = loss_config or LossConfig(soft_target_loss=self.assigner.soft_target_loss)
         self.inference_config = inference_config
         self.box_coder = box_coder or BoxCoder()
         # Eval mode returns DenseOutputs instead of detections (analysis only).
@@ -294,30 +296,18 @@ class IoUAwareRetinaNet(RetinaNet):
         one level.
         """
         cls_logits = head_outputs["cls_logits"]
-        box_deltas = head_outputs["bbox_regression"]
-        iou_logits = head_outputs.get("iou_logits")
         anchor_boxes = anchors[0]
         anchor_set = AnchorSet(
             boxes=anchor_boxes,
             num_per_level=tuple(num_anchors_per_level or (anchor_boxes.shape[0],)),
             num_per_location=self.anchor_generator.num_anchors_per_location()[0],
         )
-        predictions = None
-        if self.assigner.needs_predictions:
-            predictions = self.detached_predictions(cls_logits, box_deltas, iou_logits, anchor_boxes)
-        assignments = self.assign(anchor_set, targets, predictions)
-        per_image = dense_detection_losses(
-            cls_logits=cls_logits,
-            box_deltas=box_deltas,
-            iou_logits=iou_logits,
-            anchors=anchor_boxes,
-            assignments=assignments,
-            gt_boxes=[t["boxes"] for t in targets],
-            box_coder=self.box_coder,
-            config=self.loss_config,
-        )
+        per_image = training_losses(
+            cls_logits, head_outputs["bbox_regression"], head_outputs.get("iou_logits"), anchor_set,
+            [t["boxes"] for t in targets], [t["labels"] for t in targets],
+            self.assigner, self.box_coder, self.loss_config,
+        )  # fmt: skip
         num_foreground = per_image.pop("num_foreground")
-        warn_if_no_positives(num_foreground, [len(t["boxes"]) for t in targets], type(self.assigner).__name__)
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
         if self.loss_normalizer == "detectron2":
             # Batch sum / EMA of the batch's positives (Detectron2's RetinaNet.losses).
@@ -341,36 +331,9 @@ class IoUAwareRetinaNet(RetinaNet):
             self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - normalize(entropy))
         return losses
 
-    @torch.no_grad()
-    def detached_predictions(
-        self, cls_logits: Tensor, box_deltas: Tensor, iou_logits: Optional[Tensor], anchors: Tensor
-    ) -> List[Predictions]:
-        """What the dynamic assigners look at: per image, detached class
-        probabilities, decoded boxes and IoU predictions (only computed when
-        the assigner asks for them)."""
-        probs = cls_logits.detach().sigmoid()
-        ious = iou_logits.detach().sigmoid() if iou_logits is not None else None
-        return [
-            Predictions(
-                cls_probs=probs[i],
-                boxes=self.box_coder.apply_deltas(box_deltas[i].detach(), anchors),
-                ious=None if ious is None else ious[i],
-            )
-            for i in range(probs.shape[0])
-        ]
-
-    @torch.no_grad()
-    def assign(
-        self,
-        anchors: AnchorSet,
-        targets: List[Dict[str, Tensor]],
-        predictions: Optional[List[Predictions]] = None,
-    ) -> List[Assignment]:
+    def assign(self, anchors: AnchorSet, targets: List[Dict[str, Tensor]], predictions=None) -> List[Assignment]:
         """One core ``Assignment`` per image; GT indices refer to ``targets[i]["boxes"]``."""
-        return [
-            self.assigner(anchors, t["boxes"], t["labels"], None if predictions is None else predictions[i])
-            for i, t in enumerate(targets)
-        ]
+        return assign_batch(self.assigner, anchors, [t["boxes"] for t in targets], [t["labels"] for t in targets], predictions)
 
     # ---------------------------------------------------------------- inference
     def postprocess_detections(
@@ -381,18 +344,11 @@ class IoUAwareRetinaNet(RetinaNet):
     ) -> List[Dict[str, Tensor]]:
         """torchvision's interface (per-level outputs and anchors), core inference:
         threshold, per-level top-k, decode, clip, NMS by the fused score."""
-        iou_logits = head_outputs.get("iou_logits")
         detections = []
-        for index, image_shape in enumerate(image_shapes):
-            det = postprocess_image(
-                cls_probs=[x[index].sigmoid() for x in head_outputs["cls_logits"]],
-                box_deltas=[x[index] for x in head_outputs["bbox_regression"]],
-                ious=None if iou_logits is None else [x[index].sigmoid() for x in iou_logits],
-                anchors=anchors[index],
-                box_coder=self.box_coder,
-                image_size=image_shape,
-                config=self.inference_config,
-            )
+        for det in postprocess_batch(
+            head_outputs["cls_logits"], head_outputs["bbox_regression"], head_outputs.get("iou_logits"),
+            anchors, self.box_coder, image_shapes, self.inference_config,
+        ):  # fmt: skip
             result = {"boxes": det.boxes, "scores": det.scores, "labels": det.classes}
             if det.ious is not None:
                 result["cls_scores"] = det.cls_scores
@@ -414,49 +370,26 @@ def _check_targets(targets, num_images: int) -> None:
             )
 
 
-def build_torchvision_retinanet(cfg) -> RetinaNet:
-    """torchvision's stock RetinaNet with the project model's backbone, anchors, sizes and head shape.
-
-    The peer the project's model is compared with (tests/tv/test_equivalence.py,
-    benchmarks/speed.py): the head is torchvision's ``RetinaNetHead`` with the
-    config's norm, its 4-conv towers cut to ``MODEL.RETINANET.NUM_CONVS`` (the
-    same modules, so the same parameter names as the project's head).
-    """
-    num_convs = cfg.MODEL.RETINANET.NUM_CONVS
-    if num_convs > 4:
-        raise ValueError(f"torchvision's RetinaNetHead has 4 convs per tower; the config asks {num_convs}")
-    backbone = build_backbone(cfg)
-    anchor_generator = build_anchor_generator(cfg, list(backbone.out_feature_strides.values()))
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    head = RetinaNetHead(
-        backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes,
-        norm_layer=head_norm_from_cfg(cfg),
-    )
-    head.classification_head.conv = head.classification_head.conv[:num_convs]
-    head.regression_head.conv = head.regression_head.conv[:num_convs]
-    return RetinaNet(
-        backbone,
-        num_classes=num_classes,
-        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
-        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-        image_mean=[m / 255.0 for m in cfg.MODEL.PIXEL_MEAN],
-        image_std=[s / 255.0 for s in cfg.MODEL.PIXEL_STD],
-        anchor_generator=anchor_generator,
-        head=head,
-        score_thresh=cfg.MODEL.RETINANET.SCORE_THRESH_TEST,
-        nms_thresh=cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-        detections_per_img=cfg.TEST.DETECTIONS_PER_IMAGE,
-        fg_iou_thresh=cfg.MODEL.RETINANET.IOU_THRESHOLDS[1],
-        bg_iou_thresh=cfg.MODEL.RETINANET.IOU_THRESHOLDS[0],
-        topk_candidates=cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST,
-    )
+def _check_head_cfg(cfg) -> None:
+    """The MODEL.RETINANET / TEST keys the head, box coder and inference read."""
+    head = cfg.MODEL.RETINANET
+    if head.NUM_CLASSES < 1:
+        raise ValueError(f"MODEL.RETINANET.NUM_CLASSES must be >= 1, got {head.NUM_CLASSES}")
+    if head.NUM_CONVS < 0:
+        raise ValueError(f"MODEL.RETINANET.NUM_CONVS must be >= 0, got {head.NUM_CONVS}")
+    if not 0.0 < head.PRIOR_PROB < 1.0:
+        raise ValueError(f"MODEL.RETINANET.PRIOR_PROB must lie in (0, 1), got {head.PRIOR_PROB}")
+    weights = head.BBOX_REG_WEIGHTS
+    if len(weights) != 4 or any(not (w > 0 and math.isfinite(w)) for w in weights):
+        raise ValueError(f"MODEL.RETINANET.BBOX_REG_WEIGHTS must be 4 positive numbers, got {list(weights)}")
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE}")
 
 
 def build_model(cfg) -> IoUAwareRetinaNet:
     """The model a config describes, on ``MODEL.DEVICE``; weights are not loaded
     (see :func:`iou_aware_retinanet.tv.checkpoint.load_weights`), as with
     Detectron2's ``build_model``."""
-    check_cfg(cfg)
     device = torch.device(cfg.MODEL.DEVICE)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -466,6 +399,7 @@ def build_model(cfg) -> IoUAwareRetinaNet:
     backbone = build_backbone(cfg)
     strides = list(backbone.out_feature_strides.values())
     anchor_generator = build_anchor_generator(cfg, strides)
+    _check_head_cfg(cfg)
     num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
     head = IoUAwareRetinaNetHead(
         backbone.out_channels,

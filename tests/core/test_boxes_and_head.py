@@ -7,7 +7,7 @@ from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.ops import box_iou
 
 from iou_aware_retinanet.core import BoxCoder, aligned_box_iou, build_iou_predictor
-from iou_aware_retinanet.core.boxes import DEFAULT_SCALE_CLAMP, gt_chunks, valid_box_mask
+from iou_aware_retinanet.core.boxes import DEFAULT_SCALE_CLAMP, centers_inside, gt_chunks, valid_box_mask
 
 
 def random_boxes(n, seed, min_size=1.0, max_size=200.0):
@@ -89,3 +89,22 @@ def test_iou_predictor_shape_and_init():
     # Starts by predicting IoU 0.5 on a blank feature map.
     with torch.no_grad():
         torch.testing.assert_close(conv(torch.zeros(1, 64, 3, 3)).sigmoid(), torch.full((1, 9, 3, 3), 0.5))
+
+
+def test_centers_inside_by_hand():
+    """Box [0, 0, 10, 20]. (5, 10): 5 px from the left / right, 10 from top /
+    bottom -> inside. (0.005, 10): 0.005 px from the left edge -> inside for
+    eps 0, not for eps 0.01. (10, 10) on the right edge, (5, 25) below,
+    (-1, 10) left of it -> never inside."""
+    box = torch.tensor([[0.0, 0, 10, 20]])
+    centers = torch.tensor([[5.0, 10], [0.005, 10], [10, 10], [5, 25], [-1, 10]])
+    assert centers_inside(centers, box).tolist() == [True, True, False, False, False]
+    assert centers_inside(centers, box, eps=0.01).tolist() == [True, False, False, False, False]
+
+
+def test_centers_inside_broadcasts_candidates_against_their_gt():
+    """(G, C, 2) candidate centres against (G, 1, 4) GTs: each row is tested
+    against its own GT only."""
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    centers = torch.tensor([[[5.0, 5], [25, 25]], [[5, 5], [25, 25]]])
+    assert centers_inside(centers, gt[:, None, :], 0.01).tolist() == [[True, False], [False, True]]

@@ -11,7 +11,7 @@ from .helpers import D2_MISSING_REASON, REPO
 
 pytest.importorskip("detectron2", reason=D2_MISSING_REASON)
 
-from iou_aware_retinanet import demo  # noqa: E402
+from iou_aware_retinanet.d2 import demo  # noqa: E402
 from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg  # noqa: E402
 
 SHAPES = os.path.join(REPO, "configs", "Shapes", "iou_aware_retinanet.yaml")

@@ -135,3 +135,66 @@ def test_retinanet_checkpoint_loads_into_iou_aware_model():
     result = model.load_state_dict(plain.state_dict(), strict=False)
     assert set(result.missing_keys) == {"head.iou_pred.weight", "head.iou_pred.bias"}
     assert not result.unexpected_keys
+
+
+# ------------------------------------------------------------------ the tiny backbone
+
+
+def _tiny_backbone(freeze_at):
+    from detectron2.modeling import build_backbone
+
+    torch.manual_seed(0)
+    cfg = project_cfg("Shapes/iou_aware_retinanet.yaml", tiny=False,
+                      opts=["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.FREEZE_AT", freeze_at])
+    return build_backbone(cfg)
+
+
+def test_tiny_backbone_freezes_with_detectron2_frozen_batchnorm():
+    """FREEZE_AT 2: stem and res2 frozen with Detectron2's FrozenBatchNorm2d (not
+    torchvision's), res3..res5 still BatchNorm and trained; same state-dict keys
+    and values as unfrozen, so checkpoints load either way."""
+    from detectron2.layers import FrozenBatchNorm2d
+    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBN
+
+    frozen, unfrozen = _tiny_backbone(2), _tiny_backbone(0)
+    body = frozen.bottom_up.body
+    assert not any(isinstance(m, TorchvisionFrozenBN) for m in frozen.modules())
+    for name in ("bn1", "layer1"):
+        module = getattr(body, name)
+        assert any(isinstance(m, FrozenBatchNorm2d) for m in module.modules()), name
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules()), name
+    for name in ("conv1", "layer1"):
+        assert not any(p.requires_grad for p in getattr(body, name).parameters()), name
+    for name in ("layer2", "layer3", "layer4"):
+        module = getattr(body, name)
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in module.modules()), name
+        assert all(p.requires_grad for p in module.parameters()), name
+    ours, theirs = frozen.state_dict(), unfrozen.state_dict()
+    # A frozen BN keeps weight, bias and running statistics, only BatchNorm's counter goes.
+    assert set(ours) <= set(theirs)
+    assert all(k.endswith("num_batches_tracked") and k.startswith(("bottom_up.body.bn1.", "bottom_up.body.layer1."))
+               for k in set(theirs) - set(ours))
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+    images = torch.rand(1, 3, 64, 64)
+    frozen.eval(), unfrozen.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(images)["p3"], unfrozen(images)["p3"])
+
+
+def test_detectron2_front_end_imports_nothing_from_the_torchvision_front_end():
+    import ast
+    import pathlib
+
+    import iou_aware_retinanet.d2 as d2
+
+    for path in pathlib.Path(d2.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not (name.startswith("..tv") or name.startswith("iou_aware_retinanet.tv")), (path.name, name)

@@ -14,7 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from iou_aware_retinanet import demo  # noqa: E402
+from iou_aware_retinanet.d2 import demo  # noqa: E402
 
 
 @pytest.fixture

@@ -242,6 +242,35 @@ def test_checkpoint_round_trip(tmp_path):
     load_weights(build_model(cfg), str(tmp_path / "bare.pth"))
 
 
+def test_checkpointer_is_fvcores_with_safe_reads_and_atomic_writes(tmp_path):
+    from fvcore.common.checkpoint import Checkpointer as FvcoreCheckpointer
+
+    from iou_aware_retinanet.tv.checkpoint import Checkpointer
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(model, str(tmp_path), optimizer=optimizer)
+    assert isinstance(checkpointer, FvcoreCheckpointer)
+    path = checkpointer.save("model_0000003", iteration=3)
+    assert path == str(tmp_path / "model_0000003.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000003.pth"]
+    assert checkpointer.has_checkpoint() and checkpointer.get_checkpoint_file() == path
+    on_disk = torch.load(path, weights_only=True)
+    assert list(on_disk) == ["model", "optimizer", "iteration"]  # Detectron2's layout
+
+    torch.manual_seed(1)
+    fresh = build_model(tiny_cfg())
+    extra = Checkpointer(fresh, str(tmp_path), optimizer=torch.optim.SGD(fresh.parameters(), lr=0.1)).load(path)
+    assert extra == {"iteration": 3}
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+    # weights_only=True: a pickled object that is not plain data is refused, naming the file.
+    torch.save({"model": {}, "hook": logging.getLogger("x")}, tmp_path / "unsafe.pth")
+    with pytest.raises(Exception, match="unsafe.pth"):
+        checkpointer.load(str(tmp_path / "unsafe.pth"))
+
+
 def test_baseline_checkpoint_into_iou_aware_model(tmp_path, caplog):
     baseline = build_model(tiny_cfg(["MODEL.IOU_AWARE.ENABLED", False]))
     save_checkpoint(baseline, str(tmp_path / "baseline.pth"))

@@ -2,7 +2,9 @@
 exact resume, NaN stop, LR schedule, parameter groups, data order and flips, bad input."""
 import json
 import logging
+import math
 import os
+import re
 
 import pytest
 import torch
@@ -171,6 +173,78 @@ def _solver_cfg(tmp_path, **solver):
     return cfg
 
 
+def _lrs(cfg, bias_lr_factor=1.0):
+    """The learning rate of every iteration, as the engine's scheduler sets it (largest group first)."""
+    cfg.SOLVER.BIAS_LR_FACTOR = bias_lr_factor
+    optimizer = engine.build_optimizer(cfg, torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1)))
+    scheduler = engine.build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(cfg.SOLVER.MAX_ITER):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _detectron2_formula(cfg, i):
+    """Detectron2's WarmupParamScheduler over MultiStep / Cosine, written out by hand."""
+    s = cfg.SOLVER
+    where, length = i / s.MAX_ITER, min(s.WARMUP_ITERS / s.MAX_ITER, 1.0)
+
+    def schedule(w):
+        if s.LR_SCHEDULER_NAME == "WarmupCosineLR":
+            end = s.BASE_LR_END / s.BASE_LR
+            return end + 0.5 * (1 - end) * (1 + math.cos(math.pi * w))
+        return s.GAMMA ** sum(step <= round(w * s.MAX_ITER) for step in s.STEPS if step <= s.MAX_ITER)
+
+    if where + 1e-6 > length:
+        return schedule(where)
+    start = s.WARMUP_FACTOR * schedule(0.0)
+    if s.WARMUP_METHOD == "constant":
+        return start
+    alpha = where / length
+    return schedule(length) * alpha + start * (1 - alpha)
+
+
+SHAPES_SCHEDULES = {
+    "shapes-multistep": [],  # configs/Shapes: 300 warmup iterations, x0.1 at 4200 and 5400 of 6000
+    "shapes-cosine": ["SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR", "SOLVER.BASE_LR_END", "0.0004"],
+    "shapes-30-iterations": ["SOLVER.MAX_ITER", "30"],  # the warmup capped at MAX_ITER, steps ignored
+}
+
+
+@pytest.mark.parametrize("opts", SHAPES_SCHEDULES.values(), ids=SHAPES_SCHEDULES.keys())
+def test_every_lr_of_the_shapes_schedules_is_detectron2s(opts):
+    from iou_aware_retinanet.tv.cli import setup_cfg
+
+    from .engine_helpers import SHAPES_CONFIG
+
+    cfg = setup_cfg(SHAPES_CONFIG, opts).clone()
+    cfg.defrost()
+    lrs = [group[0] for group in _lrs(cfg)]
+    base = cfg.SOLVER.BASE_LR
+    for i, lr in enumerate(lrs):
+        assert lr == pytest.approx(base * _detectron2_formula(cfg, i), rel=1e-12, abs=0), i
+    if cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupMultiStepLR" and cfg.SOLVER.MAX_ITER == 6000:
+        assert lrs[0] == base * cfg.SOLVER.WARMUP_FACTOR and lrs[300] == lrs[4199] == base
+        assert lrs[4200] == lrs[5399] == pytest.approx(base * 0.1) and lrs[5400] == pytest.approx(base * 0.01)
+
+    # Bit for bit: Detectron2's own build_lr_scheduler on the same SOLVER keys.
+    d2_config = pytest.importorskip("detectron2.config")
+    from detectron2.solver import build_lr_scheduler
+
+    d2_cfg = d2_config.get_cfg()
+    for key in ("LR_SCHEDULER_NAME", "MAX_ITER", "BASE_LR", "BASE_LR_END", "GAMMA", "STEPS", "WARMUP_FACTOR",
+                "WARMUP_ITERS", "WARMUP_METHOD"):  # fmt: skip
+        d2_cfg.SOLVER[key] = cfg.SOLVER[key]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    scheduler = build_lr_scheduler(d2_cfg, optimizer)
+    for i, lr in enumerate(lrs):
+        assert lr == optimizer.param_groups[0]["lr"], i
+        optimizer.step()
+        scheduler.step()
+
+
 def test_warmup_multistep_lr_values(tmp_path):
     cfg = _solver_cfg(
         tmp_path, BASE_LR=0.1, WARMUP_ITERS=10, WARMUP_FACTOR=0.001, STEPS=(20, 30), GAMMA=0.1, MAX_ITER=40
@@ -178,41 +252,82 @@ def test_warmup_multistep_lr_values(tmp_path):
     # Hand-computed: linear warmup 0.001 -> 1 over 10 iterations, then x0.1 at 20 and at 30.
     expected = {0: 1e-4, 5: 0.1 * (0.001 * 0.5 + 0.5), 9: 0.1 * (0.001 * 0.1 + 0.9), 10: 0.1,
                 19: 0.1, 20: 0.01, 29: 0.01, 30: 0.001, 39: 0.001}  # fmt: skip
-    for iteration, lr in expected.items():
-        assert engine.lr_factor(cfg, iteration) * 0.1 == pytest.approx(lr, rel=1e-12), iteration
-
     # The scheduler applies it to every group (bias groups scaled by BIAS_LR_FACTOR).
-    cfg.SOLVER.BIAS_LR_FACTOR = 2.0
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
-    optimizer = engine.build_optimizer(cfg, model)
-    scheduler = engine.build_lr_scheduler(cfg, optimizer)
-    for iteration in range(40):
-        lrs = {len(g["params"]): g["lr"] for g in optimizer.param_groups}
-        if iteration in expected:
-            assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
-                [expected[iteration], 2 * expected[iteration]]
-            ), (iteration, lrs)
-        optimizer.step()
-        scheduler.step()
+    lrs = _lrs(cfg, bias_lr_factor=2.0)
+    for iteration, lr in expected.items():
+        assert lrs[iteration] == pytest.approx([lr, 2 * lr], rel=1e-12), iteration
+    multiplier = engine.lr_multiplier(cfg)
+    assert [multiplier(i / 40) * 0.1 for i in range(40)] == [weight for weight, _ in lrs]
 
 
 def test_warmup_variants_and_cosine(tmp_path):
     # A step inside the warmup: the warmup ends at the stepped value (Detectron2's WarmupParamScheduler).
-    cfg = _solver_cfg(tmp_path, WARMUP_ITERS=10, WARMUP_FACTOR=0.5, STEPS=(4,), GAMMA=0.1, MAX_ITER=20)
-    assert engine.lr_factor(cfg, 0) == pytest.approx(0.5)
-    assert engine.lr_factor(cfg, 5) == pytest.approx(0.5 * 0.5 + 0.1 * 0.5)
-    assert engine.lr_factor(cfg, 10) == pytest.approx(0.1)
+    cfg = _solver_cfg(tmp_path, WARMUP_ITERS=10, WARMUP_FACTOR=0.5, STEPS=(4,), GAMMA=0.1, MAX_ITER=20, BASE_LR=1.0)
+    lrs = [g[0] for g in _lrs(cfg)]
+    assert lrs[0] == pytest.approx(0.5)
+    assert lrs[5] == pytest.approx(0.5 * 0.5 + 0.1 * 0.5)
+    assert lrs[10] == pytest.approx(0.1)
     cfg.SOLVER.WARMUP_METHOD = "constant"
-    assert engine.lr_factor(cfg, 9) == pytest.approx(0.5) and engine.lr_factor(cfg, 10) == pytest.approx(0.1)
+    lrs = [g[0] for g in _lrs(cfg)]
+    assert lrs[9] == pytest.approx(0.5) and lrs[10] == pytest.approx(0.1)
     # Cosine from 1 to BASE_LR_END / BASE_LR.
     cfg = _solver_cfg(tmp_path, LR_SCHEDULER_NAME="WarmupCosineLR", WARMUP_ITERS=0, BASE_LR=0.1,
                       BASE_LR_END=0.01, MAX_ITER=100)  # fmt: skip
-    assert engine.lr_factor(cfg, 0) == pytest.approx(1.0)
-    assert engine.lr_factor(cfg, 50) == pytest.approx(0.1 + 0.5 * 0.9)
-    assert engine.lr_factor(cfg, 100) == pytest.approx(0.1)
+    lrs = [g[0] for g in _lrs(cfg)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.1 * (0.1 + 0.5 * 0.9))
+    assert engine.lr_multiplier(cfg)(1.0) == pytest.approx(0.1)
     # Steps beyond MAX_ITER are ignored.
-    cfg = _solver_cfg(tmp_path, WARMUP_ITERS=0, STEPS=(5, 500), MAX_ITER=10)
-    assert engine.lr_factor(cfg, 9) == pytest.approx(0.1)
+    cfg = _solver_cfg(tmp_path, WARMUP_ITERS=0, STEPS=(5, 500), MAX_ITER=10, BASE_LR=1.0)
+    assert [g[0] for g in _lrs(cfg)][9] == pytest.approx(0.1)
+    # As before fvcore: a step at 0 applies from the start, a repeated step twice, one at MAX_ITER nowhere.
+    cfg = _solver_cfg(tmp_path, WARMUP_ITERS=0, STEPS=(0, 4, 4, 10), MAX_ITER=10, BASE_LR=1.0)
+    assert [g[0] for g in _lrs(cfg)] == pytest.approx([0.1] * 4 + [0.001] * 6)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("LR_SCHEDULER_NAME", "WarmupStepWithFixedGammaLR", "SOLVER.LR_SCHEDULER_NAME='WarmupStepWithFixedGammaLR'"),
+        ("WARMUP_METHOD", "exp", "SOLVER.WARMUP_METHOD='exp'"),
+        ("MAX_ITER", 0, "SOLVER.MAX_ITER must be >= 1"),
+        ("CHECKPOINT_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD must be >= 1"),
+        ("BASE_LR", 0.0, "SOLVER.BASE_LR must be positive"),
+        ("STEPS", (5, 3), "SOLVER.STEPS must be increasing"),
+    ],
+)
+def test_unsupported_solver_values_name_the_key(tmp_path, key, value, message):
+    cfg = _solver_cfg(tmp_path, **{key: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.train(cfg)
+    assert not os.path.exists(os.path.join(tmp_path, "config.yaml"))  # failed before anything was written
+    if key in ("LR_SCHEDULER_NAME", "WARMUP_METHOD"):  # the scheduler's builder names the key too
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.lr_multiplier(cfg)
+
+
+def test_scheduler_state_resumes_the_position(tmp_path):
+    cfg = _solver_cfg(tmp_path, BASE_LR=0.1, WARMUP_ITERS=10, STEPS=(20,), MAX_ITER=40)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))
+    optimizer = engine.build_optimizer(cfg, model)
+    scheduler = engine.build_lr_scheduler(cfg, optimizer)
+    for _ in range(15):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    # The keys checkpoints hold (those of the hand-written scheduler before fvcore's too).
+    assert set(state) == {"last_epoch", "base_lrs", "_step_count", "_last_lr"} and state["last_epoch"] == 15
+    fresh_optimizer = engine.build_optimizer(cfg, model)
+    resumed = engine.build_lr_scheduler(cfg, fresh_optimizer)
+    resumed.load_state_dict(state)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        fresh_optimizer.step()
+        resumed.step()
+        assert [g["lr"] for g in fresh_optimizer.param_groups] == [g["lr"] for g in optimizer.param_groups]
+    assert resumed.state_dict() == scheduler.state_dict()
+    with pytest.raises(ValueError, match="scheduler state has no last_epoch"):
+        resumed.load_state_dict({"base_lrs": [0.1]})
 
 
 def test_param_groups_follow_detectron2(tmp_path):

@@ -12,7 +12,7 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from iou_aware_retinanet.tv import build_model
-from iou_aware_retinanet.tv.model import build_torchvision_retinanet
+from iou_aware_retinanet.benchmarks.peers import build_torchvision_retinanet
 
 from .helpers import random_inputs, scramble_head, tiny_cfg
 

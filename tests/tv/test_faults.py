@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+from iou_aware_retinanet.atomic import atomic_write
 from iou_aware_retinanet.tv import engine
 from iou_aware_retinanet.tv.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
 from iou_aware_retinanet.tv.cli import main, setup_cfg
@@ -83,6 +84,86 @@ def test_truncated_checkpoint_is_named_and_resume_falls_back(finished_run, tmp_p
     straight = load_checkpoint(os.path.join(finished_run.OUTPUT_DIR, "model_final.pth"))["model"]
     resumed = load_checkpoint(str(final))["model"]
     assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_raises(tmp_path):
+    path = tmp_path / "metrics.json"
+    with atomic_write(str(path)) as f:
+        f.write("old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_write(str(path)) as f:
+            f.write("half of the new")
+            1 / 0
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]  # no temporary left
+    with atomic_write(str(path), "wb") as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["metrics.json"]
+    with pytest.raises(ValueError, match="mode='a'"):
+        with atomic_write(str(path), "a"):
+            pass
+
+
+def test_checkpoint_write_that_fails_leaves_the_last_good_one(finished_run, tmp_path, monkeypatch):
+    cfg = finished_run
+    model = build_model(cfg)
+    optimizer = engine.build_optimizer(cfg, model)
+    checkpointer = engine.Checkpointer(str(tmp_path), model, optimizer, engine.build_lr_scheduler(cfg, optimizer))
+    good = checkpointer.save("model_final", 0, 7)
+    before = open(good, "rb").read()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpointer.save("model_final", 1, 7)
+    assert open(good, "rb").read() == before and last_checkpoint(str(tmp_path)) == good
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
+
+
+def test_resume_reads_checkpoints_of_the_hand_written_engine(finished_run, tmp_path):
+    """A checkpoint as the engine wrote it before fvcore (its own scheduler's state, plain
+    torch.save) resumes and ends as an uninterrupted run."""
+    straight = load_checkpoint(os.path.join(finished_run.OUTPUT_DIR, "model_final.pth"))
+    old = load_checkpoint(os.path.join(finished_run.OUTPUT_DIR, "model_0000002.pth"))
+    assert set(old["scheduler"]) == {"last_epoch", "base_lrs", "_step_count", "_last_lr"}
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(
+        {key: old[key] for key in ("model", "optimizer", "scheduler", "iteration", "seed")}, run / "model_0000002.pth"
+    )
+    (run / "last_checkpoint").write_text("model_0000002.pth")
+    cfg = finished_run.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(run)
+    engine.train(cfg, resume=True)
+    resumed = load_checkpoint(str(run / "model_final.pth"))
+    assert resumed["iteration"] == 5 and resumed["scheduler"] == straight["scheduler"]
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+
+
+def test_resume_is_strict_and_names_what_is_missing(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run.OUTPUT_DIR, run)
+    cfg = tiny_cfg(run, **{"DATASETS.TEST": "()", "MODEL.IOU_AWARE.ENABLED": False})  # no iou_pred
+    with pytest.raises(RuntimeError, match="iou_pred"):
+        engine.train(cfg, resume=True)
+    weights_only = load_checkpoint(str(run / "model_0000002.pth"))
+    torch.save({"model": weights_only["model"], "iteration": 2}, run / "model_0000002.pth")
+    (run / "last_checkpoint").write_text("model_0000002.pth")
+    with pytest.raises(ValueError, match="cannot be resumed from: it has no optimizer, scheduler, seed"):
+        engine.train(_in(finished_run, run), resume=True)
+    (run / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(FileNotFoundError, match="model_0000009.pth"):
+        engine.train(_in(finished_run, run), resume=True)
+
+
+def _in(cfg, output_dir):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
 
 
 def test_new_run_in_an_existing_run_folder_is_refused(finished_run):

@@ -8,6 +8,7 @@ import torch
 from torchvision.models.detection import RetinaNet
 
 from iou_aware_retinanet.core import DegenerateBoxWarning, available_assigners
+from iou_aware_retinanet.core import training as core_training
 from iou_aware_retinanet.tv import IoUAwareRetinaNet, build_model
 
 from .helpers import random_inputs, scramble_head, tiny_cfg
@@ -56,7 +57,7 @@ def test_task_aligned_with_iou_prediction():
 def test_predictions_only_for_dynamic_assigners(assigner, monkeypatch):
     model = build_model(tiny_cfg(["MODEL.ASSIGNER.NAME", assigner]))
     calls = []
-    original = model.detached_predictions
+    original = core_training.detached_predictions
 
     def spy(*args):
         calls.append(args)
@@ -66,7 +67,7 @@ def test_predictions_only_for_dynamic_assigners(assigner, monkeypatch):
         assert p.boxes.shape == (args[3].shape[0], 4) and p.ious.shape == (args[3].shape[0],)
         return predictions
 
-    monkeypatch.setattr(model, "detached_predictions", spy)
+    monkeypatch.setattr(core_training, "detached_predictions", spy)
     _train_step(model, *random_inputs(num_gt=(2, 1)))
     assert bool(calls) == model.assigner.needs_predictions
 
@@ -270,7 +271,6 @@ def test_detectron2_loss_normalizer_by_hand():
     """MODEL.LOSS_NORMALIZER "detectron2": the batch's summed losses over an EMA of its positives
     (0.9 * 100 + 0.1 * N at the first step); "torchvision": each image by its own positives, averaged."""
     from iou_aware_retinanet.core import dense_detection_losses as real_losses
-    from iou_aware_retinanet.tv import model as tv_model
 
     images, targets = random_inputs(num_images=2, num_gt=(3, 1))
     captured = {}
@@ -285,11 +285,11 @@ def test_detectron2_loss_normalizer_by_hand():
         torch.manual_seed(0)
         model = build_model(tiny_cfg(["MODEL.LOSS_NORMALIZER", normalizer]))
         model.train()
-        tv_model.dense_detection_losses, saved = spy, tv_model.dense_detection_losses
+        core_training.dense_detection_losses, saved = spy, core_training.dense_detection_losses
         try:
             results[normalizer] = {k: v.detach() for k, v in model(images, targets).items()}
         finally:
-            tv_model.dense_detection_losses = saved
+            core_training.dense_detection_losses = saved
         per_image, num_fg = dict(captured), captured["num_foreground"].double()
         for name in ("loss_cls", "loss_box_reg", "loss_iou"):
             if normalizer == "detectron2":

@@ -1,4 +1,5 @@
-"""Label assigners behind one interface, built by name with ``build_assigner``."""
+"""Label assigners behind one interface, built by name with ``build_assigner`` (from
+options) or ``assigner_from_cfg`` (from a config, by the assigner's own ``from_cfg``)."""
 from .base import (
     ASSIGNER_REGISTRY,
     BACKGROUND,
@@ -6,9 +7,10 @@ from .base import (
     AnchorSet,
     Assigner,
     Assignment,
-    SOFT_TARGET_LOSSES,
     DegenerateBoxWarning,
     Predictions,
+    assigner_class,
+    assigner_from_cfg,
     available_assigners,
     build_assigner,
     register_assigner,

@@ -12,7 +12,7 @@ single candidate (undefined) is taken as 0.
 """
 import torch
 
-from ..boxes import aligned_box_iou, box_centers, gt_chunks
+from ..boxes import aligned_box_iou, box_centers, centers_inside, gt_chunks
 from .base import Assignment, BACKGROUND, Assigner, register_assigner, resolve_conflicts
 
 
@@ -44,6 +44,11 @@ class ATSSAssigner(Assigner):
         self.topk = int(topk)
         self.center_eps = float(center_eps)
         self.ensure_positive = bool(ensure_positive)
+
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "ATSSAssigner":
+        node = cfg.MODEL.ASSIGNER.ATSS
+        return cls(num_classes, topk=node.TOPK, center_eps=node.CENTER_EPS, ensure_positive=node.ENSURE_POSITIVE)
 
     def candidates(self, anchors, gt_boxes):
         """Candidate anchors of every GT: (G, C) anchor indices and their IoUs."""
@@ -96,19 +101,8 @@ class ATSSAssigner(Assigner):
         threshold = cand_iou.mean(dim=1) + std
         is_pos = cand_iou >= threshold[:, None]
 
-        # Centre of the candidate strictly inside the GT (min of l, t, r, b > eps).
-        ctr = box_centers(boxes)[cand_idx]  # (G, C, 2)
-        gt = gt_boxes[:, None, :]
-        ltrb = torch.stack(
-            (
-                ctr[..., 0] - gt[..., 0],
-                ctr[..., 1] - gt[..., 1],
-                gt[..., 2] - ctr[..., 0],
-                gt[..., 3] - ctr[..., 1],
-            ),
-            dim=-1,
-        )
-        is_pos &= ltrb.min(dim=-1).values > self.center_eps
+        # Centre of the candidate strictly inside the GT.
+        is_pos &= centers_inside(box_centers(boxes)[cand_idx], gt_boxes[:, None, :], self.center_eps)
 
         gt_of_cand = torch.arange(num_gt, device=boxes.device)[:, None].expand_as(cand_idx)
         matched = resolve_conflicts(

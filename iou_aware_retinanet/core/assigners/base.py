@@ -6,6 +6,9 @@ says for every anchor: which GT it learns from, or that it is background, or
 that it is ignored. Dynamic assigners may add soft classification targets and
 per-anchor loss weights; static ones leave them ``None`` and never see the
 predictions, so they pay nothing for them.
+
+Each assigner builds itself from a config (``from_cfg``, reading its own
+``MODEL.ASSIGNER.<NAME>`` keys), so the config layer only looks up the name.
 """
 import warnings
 from dataclasses import dataclass, replace
@@ -69,9 +72,6 @@ class Predictions:
     ious: Optional[Tensor] = None  # (A,) IoU-branch predictions in [0, 1], when the model has one
 
 
-SOFT_TARGET_LOSSES = ("focal", "quality_focal")
-
-
 @dataclass
 class Assignment:
     """Per-anchor training targets of one image.
@@ -87,9 +87,9 @@ class Assignment:
                   K terms); None means 1.
     box_weights:  (A,) float weight of each foreground anchor's regression loss;
                   None means 1.
-    soft_target_loss: how soft ``cls_targets`` are trained: "focal" (focal
-                  loss with soft targets, Noisy-anchor) or "quality_focal"
-                  (|t - p|^gamma * BCE, GFL / TOOD).
+
+    How soft ``cls_targets`` are trained is the loss configuration's choice
+    (``LossConfig.soft_target_loss``), not the assignment's.
     """
 
     labels: Optional[Tensor]
@@ -97,14 +97,6 @@ class Assignment:
     cls_targets: Optional[Tensor] = None
     cls_weights: Optional[Tensor] = None
     box_weights: Optional[Tensor] = None
-    soft_target_loss: str = "focal"
-
-    def __post_init__(self):
-        if self.soft_target_loss not in SOFT_TARGET_LOSSES:
-            raise ValueError(
-                f"unknown soft_target_loss {self.soft_target_loss!r}; valid choices: "
-                f"{', '.join(SOFT_TARGET_LOSSES)}"
-            )
 
     @property
     def foreground(self) -> Tensor:
@@ -121,16 +113,29 @@ class Assigner:
     Subclasses implement ``_match`` on clean, non-empty ground truth and return
     an ``Assignment`` whose ``matched_gt`` indexes that clean GT (or is
     BACKGROUND / IGNORE), with ``labels`` left None, plus optional soft
-    targets and weights.
+    targets and weights, and ``from_cfg`` if they have options.
     """
 
     needs_predictions: ClassVar[bool] = False
+    # The classification loss the assigner's soft targets are trained with in its
+    # reference code: "focal" or "quality_focal" (see core.losses). Read once, by
+    # the config layer, into ``LossConfig.soft_target_loss``.
+    soft_target_loss: ClassVar[str] = "focal"
 
     def __init__(self, num_classes: int, max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.max_block_elements = int(max_block_elements)
+
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "Assigner":
+        """The assigner with its options from a (Detectron2-style) config.
+
+        Subclasses with options read their own ``cfg.MODEL.ASSIGNER.<NAME>``
+        keys; this default suits an assigner without options.
+        """
+        return cls(num_classes)
 
     @torch.no_grad()
     def __call__(
@@ -255,15 +260,25 @@ def available_assigners() -> Sequence[str]:
     return sorted(ASSIGNER_REGISTRY)
 
 
-def build_assigner(name: str, num_classes: int, **kwargs) -> Assigner:
-    """Build a registered assigner; unknown names or options list the valid ones."""
+def assigner_class(name: str) -> Type[Assigner]:
+    """The assigner class registered as ``name``; an unknown name lists the valid ones."""
     try:
-        cls = ASSIGNER_REGISTRY[name]
+        return ASSIGNER_REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown label assigner {name!r}; valid choices: {', '.join(available_assigners())}"
         ) from None
+
+
+def build_assigner(name: str, num_classes: int, **kwargs) -> Assigner:
+    """Build a registered assigner; unknown names or options list the valid ones."""
+    cls = assigner_class(name)
     try:
         return cls(num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for assigner {name!r}: {e}") from None
+
+
+def assigner_from_cfg(name: str, cfg, num_classes: int) -> Assigner:
+    """The registered assigner ``name``, built by its ``from_cfg`` from ``cfg``."""
+    return assigner_class(name).from_cfg(cfg, num_classes)

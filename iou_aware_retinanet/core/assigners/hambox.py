@@ -24,7 +24,16 @@ import torch
 from torchvision.ops import box_iou
 
 from ..boxes import aligned_box_iou, gt_chunks
-from .base import IGNORE, Assigner, Assignment, register_assigner, resolve_conflicts
+from .base import (
+    IGNORE,
+    Assigner,
+    Assignment,
+    assigner_class,
+    assigner_from_cfg,
+    build_assigner,
+    register_assigner,
+    resolve_conflicts,
+)
 
 
 @register_assigner("hambox")
@@ -39,8 +48,7 @@ class HAMBoxAssigner(Assigner):
 
     def __init__(self, num_classes: int, base: Assigner, k: int = 5, t: float = 0.5, **kwargs):
         super().__init__(num_classes, **kwargs)
-        if base.needs_predictions:
-            raise ValueError("the HAMBox base assignment must be a static assigner")
+        _check_static(type(base))
         if base.num_classes != num_classes:
             raise ValueError(f"base assigner has {base.num_classes} classes, expected {num_classes}")
         if k < 1:
@@ -51,10 +59,29 @@ class HAMBoxAssigner(Assigner):
         self.k = int(k)
         self.t = float(t)
 
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "HAMBoxAssigner":
+        """``MODEL.ASSIGNER.HAMBOX``; ``BASE`` "max_iou" is the single ``MATCH_THRESHOLD``
+        without low-quality matches, any other static assigner is built from its own keys."""
+        node = cfg.MODEL.ASSIGNER.HAMBOX
+        try:
+            if node.BASE == "max_iou":
+                base = build_assigner(
+                    "max_iou", num_classes, thresholds=[node.MATCH_THRESHOLD], labels=[0, 1],
+                    allow_low_quality_matches=False,
+                )
+            else:
+                _check_static(assigner_class(node.BASE))  # before building: BASE "hambox" would recurse
+                base = assigner_from_cfg(node.BASE, cfg, num_classes)
+        except ValueError as e:
+            raise ValueError(f"BASE={node.BASE!r}: {e}") from None
+        return cls(num_classes, base=base, k=node.K, t=node.T)
+
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         num_anchors, num_gt = len(anchors), gt_boxes.shape[0]
         device = anchors.boxes.device
-        matched = self.base._match(anchors, gt_boxes, gt_classes, None).matched_gt.clone()
+        # The base's public call on the already clean GT: same indices, no private API.
+        matched = self.base(anchors, gt_boxes, gt_classes).matched_gt.clone()
         unmatched = matched < 0
         num_matched = torch.bincount(matched[~unmatched], minlength=num_gt)
         wanted = (self.k - num_matched).clamp(min=0)  # K - M per GT
@@ -90,3 +117,7 @@ class HAMBoxAssigner(Assigner):
         matched[still_unmatched & (best_reg_iou >= self.t)] = IGNORE
         return Assignment(labels=None, matched_gt=matched, cls_weights=cls_weights)
 
+
+def _check_static(base_cls) -> None:
+    if base_cls.needs_predictions:
+        raise ValueError("the HAMBox base assignment must be a static assigner")

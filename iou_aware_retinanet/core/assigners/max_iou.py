@@ -48,6 +48,16 @@ class MaxIoUAssigner(Assigner):
         self.labels = [int(label) for label in labels]
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
 
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "MaxIoUAssigner":
+        # The thresholds are RetinaNet's own keys, as for Detectron2's Matcher.
+        return cls(
+            num_classes,
+            thresholds=cfg.MODEL.RETINANET.IOU_THRESHOLDS,
+            labels=cfg.MODEL.RETINANET.IOU_LABELS,
+            allow_low_quality_matches=cfg.MODEL.ASSIGNER.MAX_IOU.ALLOW_LOW_QUALITY_MATCHES,
+        )
+
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
         num_anchors = boxes.shape[0]

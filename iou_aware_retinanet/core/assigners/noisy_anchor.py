@@ -61,10 +61,11 @@ class NoisyAnchorAssigner(Assigner):
     ``topn``: candidates per GT (official default 50; its COCO configs use 30).
     ``alpha``: weight of localization vs classification in the cleanliness (0.75).
     Soft labels are trained with the focal loss on soft targets of the
-    official code (``Assignment.soft_target_loss = "focal"``).
+    official code (``soft_target_loss = "focal"``).
     """
 
     needs_predictions = True
+    soft_target_loss = "focal"
 
     def __init__(self, num_classes: int, topn: int = 50, alpha: float = 0.75, **kwargs):
         super().__init__(num_classes, **kwargs)
@@ -74,6 +75,11 @@ class NoisyAnchorAssigner(Assigner):
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         self.topn = int(topn)
         self.alpha = float(alpha)
+
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "NoisyAnchorAssigner":
+        node = cfg.MODEL.ASSIGNER.NOISY_ANCHOR
+        return cls(num_classes, topn=node.TOPN, alpha=node.ALPHA)
 
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
@@ -108,5 +114,4 @@ class NoisyAnchorAssigner(Assigner):
             cls_targets=cls_targets,
             cls_weights=loss_weights,
             box_weights=loss_weights,
-            soft_target_loss="focal",
         )

@@ -23,13 +23,14 @@ for conflicts and t_hat), closing that loop.
 import torch
 from torchvision.ops import box_iou
 
-from ..boxes import aligned_box_iou, box_centers, gt_chunks
+from ..boxes import aligned_box_iou, box_centers, centers_inside, gt_chunks
 from .base import Assigner, Assignment, register_assigner, resolve_conflicts
 
 
 @register_assigner("task_aligned")
 class TaskAlignedAssigner(Assigner):
     needs_predictions = True
+    soft_target_loss = "quality_focal"  # TOOD's (GFL's) classification loss
 
     def __init__(
         self,
@@ -52,6 +53,18 @@ class TaskAlignedAssigner(Assigner):
         self.center_eps = float(center_eps)
         self.use_iou_prediction = bool(use_iou_prediction)
 
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "TaskAlignedAssigner":
+        node = cfg.MODEL.ASSIGNER.TASK_ALIGNED
+        return cls(
+            num_classes,
+            topk=node.TOPK,
+            alpha=node.ALPHA,
+            beta=node.BETA,
+            center_eps=node.CENTER_EPS,
+            use_iou_prediction=node.USE_IOU_PREDICTION,
+        )
+
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
         num_anchors, num_gt = boxes.shape[0], gt_boxes.shape[0]
@@ -73,16 +86,7 @@ class TaskAlignedAssigner(Assigner):
             metric, idx = metric.topk(k, dim=1)  # (g, k), over all levels
             g = idx.shape[0]
             gt_idx = torch.arange(chunk.start, chunk.stop, device=device)[:, None].expand_as(idx)
-            ctr = anchor_ctr[idx]  # (g, k, 2)
-            inside = torch.stack(
-                (
-                    ctr[..., 0] - gts[:, None, 0],
-                    ctr[..., 1] - gts[:, None, 1],
-                    gts[:, None, 2] - ctr[..., 0],
-                    gts[:, None, 3] - ctr[..., 1],
-                ),
-                dim=-1,
-            ).min(dim=-1).values > self.center_eps
+            inside = centers_inside(anchor_ctr[idx], gts[:, None, :], self.center_eps)  # (g, k)
             keep = inside & (metric > 0)
             iou = aligned_box_iou(
                 predictions.boxes[idx.reshape(-1)], gts[:, None, :].expand(g, k, 4).reshape(-1, 4)
@@ -109,6 +113,5 @@ class TaskAlignedAssigner(Assigner):
             matched_gt=matched,
             cls_targets=targets,
             box_weights=targets,
-            soft_target_loss="quality_focal",
         )
 

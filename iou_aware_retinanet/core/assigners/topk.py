@@ -25,6 +25,11 @@ class TopKAssigner(Assigner):
         self.k = int(k)
         self.min_iou = float(min_iou)
 
+    @classmethod
+    def from_cfg(cls, cfg, num_classes: int) -> "TopKAssigner":
+        node = cfg.MODEL.ASSIGNER.TOPK
+        return cls(num_classes, k=node.K, min_iou=node.MIN_IOU)
+
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
         num_anchors = boxes.shape[0]

@@ -4,7 +4,7 @@ Configs are read with a safe YAML loader, ``.pkl`` weights need
 ``--allow-pickle``, and an output that would overwrite an input image is
 refused before anything is written.
 
-    python -m iou_aware_retinanet.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
+    python -m iou_aware_retinanet.d2.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
         --input img1.png img2.png --output out_dir/ --opts MODEL.WEIGHTS output/model_final.pth
 
 Each box is labelled with its class, its fused score S and its predicted IoU.
@@ -19,10 +19,10 @@ import cv2
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
-from .d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
-from .visualize import draw_detections
+from ..visualize import draw_detections
+from .entry import check_eval_weights, check_weights_file, setup_project_cfg
 
-logger = logging.getLogger("iou_aware_retinanet.demo")
+logger = logging.getLogger("iou_aware_retinanet.d2.demo")
 
 
 def setup_cfg(args):
