@@ -26,8 +26,10 @@ setup(
     ],
     extras_require={
         # matplotlib: the accuracy study's correlation plot, which a test draws.
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib"],
+        # tensorboard: the engine's event files, which a test reads back.
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib", "tensorboard"],
         "analysis": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
     entry_points={
         "console_scripts": ["iou-aware-retinanet=iou_aware_retinanet.tv.cli:main"],

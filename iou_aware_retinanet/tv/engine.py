@@ -38,6 +38,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -372,13 +373,39 @@ class Checkpointer(_checkpoint.Checkpointer):
         raise RuntimeError("no readable checkpoint to resume from in " + self.output_dir + ":\n" + "\n".join(errors))
 
 
+_WARNED_NO_TENSORBOARD = False
+
+
 class MetricsWriter:
-    """Detectron2's ``JSONWriter`` + ``CommonMetricPrinter``: window medians every ``period`` iterations."""
+    """Detectron2's ``JSONWriter`` + ``CommonMetricPrinter`` + ``TensorboardXWriter``: window
+    medians every ``period`` iterations, and every record also as TensorBoard scalars in
+    ``OUTPUT_DIR`` (when the ``tensorboard`` package is installed: the ``tensorboard`` extra)."""
 
     def __init__(self, output_dir: str, max_iter: int, period: int = LOG_PERIOD):
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.json")
         self.max_iter, self.period = max_iter, period
         self.window: List[Dict[str, float]] = []
+        self._events = None  # torch.utils.tensorboard.SummaryWriter, opened at the first record
+
+    def _event_writer(self):
+        if self._events is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch's writer needs the tensorboard package
+                global _WARNED_NO_TENSORBOARD
+                if not _WARNED_NO_TENSORBOARD:
+                    logger.info("No TensorBoard events: the tensorboard package is not installed (pip install tensorboard)")
+                    _WARNED_NO_TENSORBOARD = True
+                self._events = False
+            else:
+                self._events = SummaryWriter(self.output_dir)
+        return self._events
+
+    def close(self) -> None:
+        if self._events:
+            self._events.close()
+        self._events = None
 
     def truncate_after(self, iteration: int) -> None:
         """Drop lines past ``iteration`` (left by a run killed after its last checkpoint)."""
@@ -392,6 +419,12 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
+        events = self._event_writer()
+        if events:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
+                    events.add_scalar(key, value, record["iteration"])
+            events.flush()
 
     def add(self, iteration: int, values: Dict[str, float]) -> None:
         self.window.append(values)
@@ -585,6 +618,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
             _after_step(cfg, model, checkpointer, writer, iteration, seed, pending)
     finally:
         bar.close()
+        writer.close()
         del data_iter  # shuts the workers down
     done = iteration + 1 - start_iter if max_iter > start_iter else 0
     if done:
@@ -696,9 +730,9 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
         do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter, seed, records)
         results = evaluate_all(cfg, model)
         if results:
-            MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER).write(
-                {"iteration": cfg.SOLVER.MAX_ITER - 1, **_flatten(results)}
-            )
+            final = MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER)
+            final.write({"iteration": cfg.SOLVER.MAX_ITER - 1, **_flatten(results)})
+            final.close()
             _log_learning_curve(cfg.OUTPUT_DIR)
         return results
 

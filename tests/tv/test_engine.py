@@ -531,3 +531,21 @@ def test_coco_evaluate_empty_results_directly(tmp_path):
 
     metrics = coco_evaluate(load_coco_detection(json_file, image_root).coco, [])
     assert {k: metrics[k] for k in BBOX_METRICS} == dict.fromkeys(BBOX_METRICS, 0.0)
+
+
+def test_tensorboard_events_hold_what_metrics_json_holds(straight_run):
+    """Every metrics.json record is also written as TensorBoard scalars (losses, lr, AP), as
+    Detectron2's TensorboardXWriter writes its storage."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="the tensorboard extra is not installed"
+    )
+    cfg, _ = straight_run
+    events = event_accumulator.EventAccumulator(cfg.OUTPUT_DIR)
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    lines = [json.loads(line) for line in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
+    assert {"loss_cls", "loss_iou", "lr", "bbox/AP", "bbox/AP75"} <= set(scalars)
+    for line in lines:
+        for key, value in line.items():
+            if key != "iteration" and isinstance(value, float) and math.isfinite(value):
+                assert scalars[key][line["iteration"]] == pytest.approx(value, rel=1e-6), key
