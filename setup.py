@@ -27,9 +27,11 @@ setup(
     extras_require={
         # matplotlib: the accuracy study's correlation plot, which a test draws.
         # tensorboard: the engine's event files, which a test reads back.
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib", "tensorboard"],
+        "test": ["pytest>=7", "hypothesis>=6", "matplotlib", "tensorboard", "onnx", "onnxruntime"],
         "analysis": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        # ONNX export (onnxruntime runs and checks the exported graph).
+        "export": ["onnx", "onnxruntime"],
     },
     entry_points={
         "console_scripts": ["iou-aware-retinanet=iou_aware_retinanet.tv.cli:main"],

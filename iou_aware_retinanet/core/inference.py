@@ -62,6 +62,14 @@ class Detections:
         return self.boxes.shape[0]
 
 
+def _topk_count(values: Tensor, k: int):
+    """min(k, len(values)); while tracing for ONNX export, a tensor computed from the
+    traced shape (a Python min would freeze the count of the example image)."""
+    if torch.jit.is_tracing():
+        return torch.clamp(torch._shape_as_tensor(values)[0], max=k)
+    return min(k, values.shape[0])
+
+
 def select_level_candidates(
     cls_probs: Tensor, ious: Optional[Tensor], config: InferenceConfig
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -77,7 +85,7 @@ def select_level_candidates(
     keep = (gate > config.score_thresh) & torch.isfinite(fused)
     pair_idx = torch.nonzero(keep)  # (P, 2) anchor, class
     scores = fused[keep]
-    scores, order = scores.topk(min(config.topk_candidates, scores.shape[0]))
+    scores, order = scores.topk(_topk_count(scores, config.topk_candidates))
     pair_idx = pair_idx[order]
     anchor_idx, class_idx = pair_idx.unbind(dim=1)
     return anchor_idx, class_idx, scores, cls_probs[anchor_idx, class_idx]
@@ -124,7 +132,7 @@ def postprocess_image(
 
     # Wild deltas (inf / NaN) decode to non-finite boxes that NMS cannot rank.
     finite = torch.isfinite(boxes).all(dim=1)
-    if not bool(finite.all()):
+    if torch.jit.is_tracing() or not bool(finite.all()):  # a trace cannot branch on data: always filter
         boxes, scores, classes, cls_scores = boxes[finite], scores[finite], classes[finite], cls_scores[finite]
         iou_values = iou_values[finite] if iou_values is not None else None
 

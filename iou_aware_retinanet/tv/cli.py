@@ -4,10 +4,12 @@
     python -m iou_aware_retinanet eval    --config-file FILE [--weights W] [KEY VALUE ...]
     python -m iou_aware_retinanet predict --config-file FILE --input IMG [IMG ...] --output OUT
                                           [--weights W] [--min-score S] [KEY VALUE ...]
+    python -m iou_aware_retinanet export  --config-file FILE [--weights W] [--format onnx|torchscript]
+                                          [--output model.onnx] [KEY VALUE ...]
 
 (also installed as ``iou-aware-retinanet``). Trailing ``KEY VALUE`` pairs
 override the config, as with Detectron2's ``train_net.py``; put them after
-the options. ``eval`` and ``predict`` load ``--weights``, else
+the options. ``eval``, ``predict`` and ``export`` load ``--weights``, else
 ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``.
 """
 import argparse
@@ -26,6 +28,7 @@ from ..visualize import draw_detections
 from .data import dataset_categories, read_images, resolve_dataset
 from .engine import console_filter, evaluate_all, load_model, log_to_file, save_config, train
 from .evaluation import atomic_write_json, detections_to_coco
+from .export import FORMATS, run_export
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,9 @@ def setup_logging() -> None:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m iou_aware_retinanet",
-        description="IoU-aware RetinaNet, torchvision front-end: train, evaluate, predict.",
+        description="IoU-aware RetinaNet, torchvision front-end: train, evaluate, predict, export.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{train,eval,predict}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,eval,predict,export}")
     commands.required = True
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
@@ -78,7 +81,11 @@ def get_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--output", required=True, metavar="OUT", help="image file (one input) or folder")
     predict_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
     predict_parser.add_argument("--min-score", type=float, default=0.3, metavar="S", help="keep detections with score >= S (default 0.3)")
-    for sub in (train_parser, eval_parser, predict_parser):
+    export_parser = add("export", "write the model, post-processing included, as ONNX or TorchScript")
+    export_parser.add_argument("--weights", metavar="PTH", help="weights (default: MODEL.WEIGHTS, else OUTPUT_DIR/model_final.pth)")
+    export_parser.add_argument("--format", choices=FORMATS, default="onnx", help="default onnx")
+    export_parser.add_argument("--output", metavar="FILE", help="default OUTPUT_DIR/model.onnx (model.ts for torchscript)")
+    for sub in (train_parser, eval_parser, predict_parser, export_parser):
         sub.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides, e.g. SOLVER.MAX_ITER 100")
     return parser
 
@@ -235,6 +242,10 @@ def main(argv: Optional[Sequence[str]] = None):
     if args.command == "eval":
         with log_to_file(cfg.OUTPUT_DIR):
             return run_eval(cfg, args.weights)  # logs the AP table
+    if args.command == "export":
+        path = run_export(cfg, resolve_weights(cfg, args.weights), args.format, args.output)
+        print(f"exported: {path}")
+        return path
     return predict(cfg, args.input, args.output, args.weights, args.min_score)
 
 

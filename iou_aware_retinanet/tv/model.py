@@ -252,7 +252,8 @@ class IoUAwareRetinaNet(RetinaNet):
             if targets is None:
                 raise ValueError("targets are required in training mode")
             _check_targets(targets, len(images))
-        original_image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        # No int(): an ONNX trace keeps the sizes symbolic, so boxes map back for any input size.
+        original_image_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         images, targets = self.transform(images, targets)
 
         features = self.backbone(images.tensors)
