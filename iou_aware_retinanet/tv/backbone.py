@@ -33,12 +33,14 @@ import math
 from collections import OrderedDict
 from typing import Callable, Dict, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .distributed import get_world_size
 from ..modeling.tiny_resnet import STAGE_MODULES, STAGE_STRIDES, STAGES, TINY_LAYOUTS, TinyResNet, freeze_stages
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ BACKBONES = (RESNET_FPN, TINY_FPN)
 RESNET_DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101", 152: "resnet152"}
 BASIC_BLOCK_DEPTHS = (18, 34)
 
-RESNET_NORMS = ("FrozenBN", "BN", "GN")
+RESNET_NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 FPN_NORMS = ("", "BN", "GN")
 GN_GROUPS = 32  # Detectron2's get_norm("GN")
 
@@ -77,6 +79,12 @@ def get_norm(name: str, key: str) -> Optional[Callable[[int], nn.Module]]:
         return FrozenBatchNorm2d
     if name == "BN":
         return nn.BatchNorm2d
+    if name == "SyncBN":
+        # As Detectron2: plain BatchNorm in one process; statistics over every
+        # process's batch with several (torchrun).
+        if get_world_size() == 1:
+            return nn.BatchNorm2d
+        return nn.SyncBatchNorm
     if name == "GN":
 
         def group_norm(channels: int) -> nn.Module:
@@ -186,6 +194,12 @@ def check_backbone_cfg(cfg) -> Dict[str, int]:
         raise ValueError(
             f"MODEL.RESNETS.NORM={res.NORM!r} is not supported by the torchvision front-end; "
             f"supported: {', '.join(RESNET_NORMS)}"
+        )
+    if res.NORM == "SyncBN" and get_world_size() > 1 and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        # torch's DistributedDataParallel refuses SyncBatchNorm on CPU modules.
+        raise ValueError(
+            "MODEL.RESNETS.NORM='SyncBN' with several processes needs GPUs (MODEL.DEVICE cuda): "
+            "torch's SyncBatchNorm does not run on CPU. On CPU use 'BN' (per-process statistics), 'GN' or 'FrozenBN'."
         )
     if not 0 <= cfg.MODEL.BACKBONE.FREEZE_AT <= 5:
         raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must lie in 0..5, got {cfg.MODEL.BACKBONE.FREEZE_AT}")

@@ -29,6 +29,7 @@ from .data import dataset_categories, read_images, resolve_dataset
 from .engine import console_filter, evaluate_all, load_model, log_to_file, save_config, train
 from .evaluation import atomic_write_json, detections_to_coco
 from .export import FORMATS, run_export
+from . import distributed as comm
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,10 @@ def run_eval(cfg, weights: Optional[str]):
     for name in cfg.DATASETS.TEST:
         resolve_dataset(cfg, name, "DATASETS.TEST")  # unknown names fail before the model is built
     model = load_model(cfg, resolve_weights(cfg, weights))
-    os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
-    save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"))
-    return evaluate_all(cfg, model)
+    if comm.is_main_process():
+        os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
+        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"))
+    return evaluate_all(cfg, model)  # sharded over the processes of a torchrun job
 
 
 def _is_single_file(inputs: Sequence[str], output: str) -> bool:
@@ -237,6 +239,24 @@ def main(argv: Optional[Sequence[str]] = None):
     args = get_parser().parse_args(argv)
     setup_logging()
     cfg = setup_cfg(args.config_file, args.opts)
+    if comm.env_world_size() > 1:
+        if args.command not in ("train", "eval"):
+            raise RuntimeError(
+                f"{args.command} runs in one process; WORLD_SIZE={comm.env_world_size()} (torchrun) is for train and eval"
+            )
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Detectron2's convention: rank 0 logs; the others report warnings and errors only.
+            logging.getLogger("iou_aware_retinanet").setLevel(logging.WARNING)
+        comm.init_from_env(cfg.MODEL.DEVICE)
+        try:
+            return _run(args, cfg)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return _run(args, cfg)
+
+
+def _run(args, cfg):
     if args.command == "train":
         return train(cfg, resume=args.resume)  # logs the AP table
     if args.command == "eval":

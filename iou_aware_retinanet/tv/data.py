@@ -29,9 +29,10 @@ import os
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..data import builtin
+from .distributed import get_rank, get_world_size
 from ..data.config_datasets import coco_instances_from_cfg
 from ..data.coco import (
     CocoDetectionData,
@@ -53,6 +54,7 @@ __all__ = [
     "build_flip",
     "build_test_loader",
     "build_train_loader",
+    "check_batch_divisible",
     "dataset_categories",
     "dataset_class_names",
     "read_images",
@@ -175,13 +177,28 @@ class TrainingSampler(Sampler):
     Sample position ``p = iteration * batch_size + j`` is ``index =
     perm_e[p % size]`` of epoch ``e = p // size``, ``perm_e`` being a random
     permutation from a generator seeded with ``(seed, e)``.
+
+    With ``world_size`` processes, ``batch_size`` is the total batch (Detectron2's
+    ``SOLVER.IMS_PER_BATCH``) and rank ``r`` yields its contiguous slice
+    ``j in [r * b, (r + 1) * b)``, ``b = batch_size / world_size``, of every
+    global batch: the ranks' batches of an iteration together are the one
+    process batch of that iteration, from any ``start_iter``.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, start_iter: int = 0, shuffle: bool = True):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start_iter: int = 0, shuffle: bool = True,
+        rank: int = 0, world_size: int = 1,
+    ):  # fmt: skip
         if size < 1 or batch_size < 1 or start_iter < 0:
             raise ValueError(f"need size >= 1, batch_size >= 1, start_iter >= 0; got {size}, {batch_size}, {start_iter}")
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size and batch_size divisible by world_size; got rank {rank}, "
+                f"world_size {world_size}, batch_size {batch_size}"
+            )
         self.size, self.batch_size, self.seed = size, batch_size, int(seed)
         self.start_iter, self.shuffle = start_iter, shuffle
+        self.rank, self.world_size = rank, world_size
 
     def permutation(self, epoch: int) -> List[int]:
         if not self.shuffle:
@@ -190,11 +207,13 @@ class TrainingSampler(Sampler):
         return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        local = self.batch_size // self.world_size
         position = self.start_iter * self.batch_size
         epoch, perm = -1, []
         while True:
             batch = []
-            for p in range(position, position + self.batch_size):
+            first = position + self.rank * local
+            for p in range(first, first + local):
                 if p // self.size != epoch:
                     epoch = p // self.size
                     perm = self.permutation(epoch)
@@ -286,16 +305,34 @@ def build_train_loader(cfg, seed: int, start_iter: int = 0, records: Optional[Se
     if records is None:
         records, _ = load_train_records(cfg)
     dataset = TrainingDataset(records, build_flip(cfg, seed))
-    sampler = TrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, seed, start_iter)
+    world = get_world_size()
+    check_batch_divisible(cfg, world)
+    sampler = TrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, seed, start_iter, rank=get_rank(), world_size=world)
     return _loader(dataset, cfg, seed, batch_sampler=sampler)
 
 
-def build_test_loader(cfg, dataset_name: str, batch_size: int = 1, data: Optional[CocoDetectionData] = None):
+def check_batch_divisible(cfg, world_size: int) -> None:
+    """``SOLVER.IMS_PER_BATCH`` is the total batch over all processes (Detectron2's convention)."""
+    if cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is the total batch over all processes and "
+            f"must be divisible by the number of processes ({world_size})"
+        )
+
+
+def build_test_loader(
+    cfg, dataset_name: str, batch_size: int = 1, data: Optional[CocoDetectionData] = None,
+    indices: Optional[Sequence[int]] = None,
+):  # fmt: skip
     """Loader of ``dataset_name`` in file order (every image, annotated or not), with ``loader.data``
-    the :class:`~iou_aware_retinanet.data.coco.CocoDetectionData` (class mapping, COCO ground truth)."""
+    the :class:`~iou_aware_retinanet.data.coco.CocoDetectionData` (class mapping, COCO ground truth).
+    ``indices``: only these images (a process's shard), in this order."""
     if data is None:
         data = load_dataset(cfg, dataset_name, "DATASETS.TEST")
-    loader = _loader(CocoDetectionDataset(data.records), cfg, seed=0, batch_size=batch_size, shuffle=False)
+    dataset = CocoDetectionDataset(data.records)
+    if indices is not None:
+        dataset = Subset(dataset, list(indices))
+    loader = _loader(dataset, cfg, seed=0, batch_size=batch_size, shuffle=False)
     loader.data = data
     return loader
 

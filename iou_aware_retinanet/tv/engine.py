@@ -32,10 +32,14 @@ What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
 * a non-finite loss stops the run with :class:`NonFiniteLossError` before
   the optimizer step, so no checkpoint holds the damage;
 * evaluation on ``DATASETS.TEST`` every ``TEST.EVAL_PERIOD`` iterations
-  (0: never) and after the last one.
+  (0: never) and after the last one;
+* under torchrun (:mod:`.distributed`): ``SOLVER.IMS_PER_BATCH`` is the total
+  batch, split over the processes; DistributedDataParallel for the training
+  step; rank 0 alone writes files; evaluation sharded over the processes.
 """
 import contextlib
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -65,10 +69,14 @@ from .checkpoint import load_checkpoint, load_weights, write_last_checkpoint
 from ..atomic import atomic_write
 from ..data.coco import read_image_rgb
 from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
-from .data import dataset_class_names, derive_seed, load_dataset, load_train_records, resolve_dataset, build_train_loader
+from .data import (
+    build_train_loader, check_batch_divisible, dataset_class_names, derive_seed, load_dataset, load_train_records,
+    resolve_dataset,
+)  # fmt: skip
 from .evaluation import EvaluationResult, check_num_classes, curve_table, safe_folder_name, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
 from .model import build_model
+from . import distributed as comm
 
 logger = logging.getLogger(__name__)
 # Every-20-iterations lines: log.txt only (the console has the progress bar).
@@ -102,10 +110,14 @@ NORM_MODULE_TYPES = (
 
 
 def resolve_seed(cfg) -> int:
-    """``SEED``, or a fresh random seed when it is negative (Detectron2's ``-1``)."""
+    """``SEED``, or a fresh random seed when it is negative (Detectron2's ``-1``).
+
+    With several processes the one drawn on rank 0 is used by all: the data
+    order and the initial weights must agree across ranks."""
     if cfg.SEED >= 0:
         return int(cfg.SEED)
     seed = os.getpid() + int(datetime.datetime.now().strftime("%S%f")) + int.from_bytes(os.urandom(2), "big")
+    seed = comm.broadcast_object(seed)
     logger.info("SEED is %d: using the random seed %d", cfg.SEED, seed)
     return seed
 
@@ -315,13 +327,18 @@ class Checkpointer(_checkpoint.Checkpointer):
         if buffers:
             state.update(buffers)
         bad = non_finite_tensors(state)
+        if comm.get_world_size() > 1:
+            bad = comm.broadcast_object(bad)  # rank 0's verdict: every rank raises together, or none
         if bad:
             raise NonFiniteWeightsError(
                 f"Weights became infinite or NaN by iteration {iteration} ({', '.join(bad[:5])}"
                 f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
                 "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
             )
-        path = super().save(name, state=state, iteration=int(iteration), seed=int(seed))
+        if comm.is_main_process():
+            path = super().save(name, state=state, iteration=int(iteration), seed=int(seed))
+        else:  # only rank 0 writes (the weights are the same on every rank)
+            path = os.path.join(self.output_dir, f"{name}.pth")
         self.last_saved = path
         logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
         return path
@@ -368,7 +385,8 @@ class Checkpointer(_checkpoint.Checkpointer):
                 continue
             if path != named:
                 logger.warning("%s is unreadable: resuming from the older checkpoint %s", named, path)
-                write_last_checkpoint(self.output_dir, os.path.basename(path))
+                if comm.is_main_process():
+                    write_last_checkpoint(self.output_dir, os.path.basename(path))
             return checkpoint, path
         raise RuntimeError("no readable checkpoint to resume from in " + self.output_dir + ":\n" + "\n".join(errors))
 
@@ -387,6 +405,7 @@ class MetricsWriter:
         self.max_iter, self.period = max_iter, period
         self.window: List[Dict[str, float]] = []
         self._events = None  # torch.utils.tensorboard.SummaryWriter, opened at the first record
+        self.enabled = comm.is_main_process()  # rank 0 writes the run's metrics; the others nothing
 
     def _event_writer(self):
         if self._events is None:
@@ -409,7 +428,7 @@ class MetricsWriter:
 
     def truncate_after(self, iteration: int) -> None:
         """Drop lines past ``iteration`` (left by a run killed after its last checkpoint)."""
-        if not os.path.isfile(self.path):
+        if not self.enabled or not os.path.isfile(self.path):
             return
         with open(self.path, "r", encoding="utf-8") as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) <= iteration]
@@ -417,6 +436,8 @@ class MetricsWriter:
             f.writelines(lines)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
         events = self._event_writer()
@@ -427,6 +448,8 @@ class MetricsWriter:
             events.flush()
 
     def add(self, iteration: int, values: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.window.append(values)
         if (iteration + 1) % self.period == 0 or iteration == self.max_iter - 1:
             self.flush(iteration)
@@ -456,7 +479,11 @@ class _ConsoleFilter(logging.Filter):
 
 @contextlib.contextmanager
 def log_to_file(output_dir: str):
-    """Append the project's INFO logs to ``output_dir/log.txt`` for the duration of the block."""
+    """Append the project's INFO logs to ``output_dir/log.txt`` for the duration of the block
+    (rank 0 only: the other processes of a torchrun job write no file)."""
+    if not comm.is_main_process():
+        yield
+        return
     os.makedirs(output_dir, exist_ok=True)
     project = logging.getLogger("iou_aware_retinanet")
     handler = logging.FileHandler(os.path.join(output_dir, "log.txt"), encoding="utf-8")
@@ -507,8 +534,9 @@ def evaluate_all(cfg, model) -> "OrderedDict[str, Dict[str, Dict[str, float]]]":
     """Evaluate on every ``DATASETS.TEST`` dataset: ``{name: {"bbox": metrics}}``, like Detectron2's ``test``."""
     results = OrderedDict()
     for name in cfg.DATASETS.TEST:
-        result: EvaluationResult = evaluate(cfg, model, name)
-        results[name] = {"bbox": result.metrics}
+        result: Optional[EvaluationResult] = evaluate(cfg, model, name)  # every rank: sharded
+        if result is not None:  # rank 0 (Detectron2's non-main processes get {} too)
+            results[name] = {"bbox": result.metrics}
     return results
 
 
@@ -530,8 +558,29 @@ def _to_device(images, targets, device):
 
 
 def _check_finite(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, iteration: int) -> None:
+    if comm.get_world_size() > 1:
+        return _check_finite_all_ranks(loss_dict, total, iteration)
     if torch.isfinite(total) and all(torch.isfinite(v) for v in loss_dict.values()):
         return
+    _raise_non_finite(loss_dict, total, iteration)
+
+
+def _check_finite_all_ranks(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, iteration: int) -> None:
+    # Every rank learns whether any rank's loss is bad, so that all stop here: one rank
+    # raising alone would leave the others waiting in the backward pass's all-reduce.
+    bad = not (torch.isfinite(total) and all(torch.isfinite(v) for v in loss_dict.values()))
+    if not comm.any_true(bad):
+        return
+    if bad:
+        _raise_non_finite(loss_dict, total, iteration)
+    raise NonFiniteLossError(
+        f"Loss became infinite or NaN at iteration {iteration} in another process (this is rank "
+        f"{comm.get_rank()}). Training stopped before the optimizer step; no checkpoint holds weights that "
+        "gave this loss. Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
+    )
+
+
+def _raise_non_finite(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, iteration: int) -> None:
     terms = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in loss_dict.items())
     raise NonFiniteLossError(
         f"Loss became infinite or NaN at iteration {iteration}: total={float(total.detach()):.6g} ({terms}). "
@@ -546,6 +595,9 @@ def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, 
     ``before_update()`` runs once the loss is known to be finite, before the
     weights change: the weights are then those the previous step left, proven
     usable by a finite loss (the engine writes its periodic checkpoints there).
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper: the returned values are
+    then the means over the processes (Detectron2's ``_write_metrics``).
     """
     loss_dict = model(images, targets)
     total = sum(loss_dict.values())
@@ -559,8 +611,33 @@ def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, 
     scheduler.step()
     values = {"total_loss": float(total.detach())}
     values.update({k: float(v.detach()) for k, v in loss_dict.items()})
-    values.update(getattr(model, "training_metrics", None) or {})  # e.g. loss_iou_minus_entropy
+    values.update(getattr(_unwrap(model), "training_metrics", None) or {})  # e.g. loss_iou_minus_entropy
+    if comm.get_world_size() > 1:
+        values = comm.all_reduce_mean(values)
     return values
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _wrap_ddp(model: nn.Module) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes (itself otherwise).
+
+    As Detectron2's ``create_ddp_model``: ``broadcast_buffers=False``, each
+    process keeps its own BatchNorm statistics and loss-normalizer average
+    (rank 0's are the ones checkpointed)."""
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    device_ids = [device.index if device.index is not None else comm.get_local_rank()] if device.type == "cuda" else None
+    # Newer torch renamed the option (the old name warns); both mean "no buffer sync per forward".
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 
 
 def _next_batch(data_iter, iteration: int):
@@ -580,7 +657,7 @@ def _progress_bar(start_iter: int, max_iter: int) -> tqdm:
     tty = sys.stderr.isatty()
     return tqdm(
         total=max_iter, initial=start_iter, desc="train", unit="it", dynamic_ncols=True,
-        mininterval=0.5 if tty else 30.0, file=sys.stderr,
+        mininterval=0.5 if tty else 30.0, file=sys.stderr, disable=not comm.is_main_process(),
     )  # fmt: skip
 
 
@@ -593,6 +670,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     data_iter = iter(loader)
     bar = _progress_bar(start_iter, max_iter)
     model.train()
+    trained = _wrap_ddp(model)  # the training forward / backward; model stays the unwrapped one
     pending = _PendingCheckpoint(checkpointer, seed)
     train_start, iteration = time.perf_counter(), start_iter - 1
     try:
@@ -605,7 +683,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
             lr = _lr_of_largest_group(optimizer)
             pending.before_forward(model)
             try:
-                values = run_step(cfg, model, optimizer, scheduler, images, targets, iteration, pending.save)
+                values = run_step(cfg, trained, optimizer, scheduler, images, targets, iteration, pending.save)
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} {checkpointer.last_good_note()}") from None
             values.update(lr=lr, time=time.perf_counter() - start, data_time=data_time)
@@ -701,11 +779,19 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
     cfg = cfg.clone()
     cfg.freeze()
     check_cfg(cfg)  # the run's keys (SOLVER included): fail before any data is read
+    world = comm.get_world_size()
+    if world > 1:
+        check_batch_divisible(cfg, world)
     if not resume:
         _refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    comm.synchronize()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
+    if world > 1:
+        _prepare_datasets_on_rank0(cfg)
+    if comm.is_main_process():
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with log_to_file(cfg.OUTPUT_DIR):
-        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
+        if comm.is_main_process():
+            save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
         logger.info("Full config saved to %s:\n%s", os.path.join(cfg.OUTPUT_DIR, "config.yaml"), cfg.dump())
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
         seed = resolve_seed(cfg)
@@ -729,12 +815,30 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
         )
         do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter, seed, records)
         results = evaluate_all(cfg, model)
-        if results:
+        if results:  # rank 0
             final = MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER)
             final.write({"iteration": cfg.SOLVER.MAX_ITER - 1, **_flatten(results)})
             final.close()
             _log_learning_curve(cfg.OUTPUT_DIR)
         return results
+
+
+def _prepare_datasets_on_rank0(cfg) -> None:
+    """Rank 0 resolves (and generates, for the built-in shapes splits) every dataset first,
+    so the processes do not write the same files at once; an error stops every rank."""
+    error = None
+    if comm.is_main_process():
+        try:
+            for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+                for name in names:
+                    resolve_dataset(cfg, name, key)
+        except Exception as e:  # re-raised on rank 0 below, reported on the others
+            error = e
+    message = comm.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not prepare the datasets: {message}")
 
 
 def _log_learning_curve(output_dir: str) -> None:

@@ -25,7 +25,8 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from ..atomic import atomic_write
-from .data import build_test_loader
+from .data import build_test_loader, load_dataset
+from .distributed import gather, get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,12 @@ def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_
 @torch.no_grad()
 def inference_on_dataset(model, loader, category_ids: Sequence[int]) -> List[dict]:
     """COCO results of ``model`` (put in eval mode, restored after) on every batch of ``loader``."""
+    return [r for image_results in _inference_per_image(model, loader, category_ids) for r in image_results]
+
+
+@torch.no_grad()
+def _inference_per_image(model, loader, category_ids: Sequence[int]) -> List[List[dict]]:
+    """COCO results of each image of ``loader``, in loader order."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -94,13 +101,28 @@ def inference_on_dataset(model, loader, category_ids: Sequence[int]) -> List[dic
         for images, targets in loader:
             outputs = model([image.to(device) for image in images])
             for output, target in zip(outputs, targets):
-                results.extend(detections_to_coco(output, target["image_id"], category_ids))
+                results.append(detections_to_coco(output, target["image_id"], category_ids))
             num_images += len(images)
     finally:
         model.train(was_training)
     elapsed = time.perf_counter() - start
     logger.info("Inference on %d images: %.1f s (%.3f s / image)", num_images, elapsed, elapsed / max(num_images, 1))
     return results
+
+
+def _sharded_inference(cfg, model, dataset_name: str, data, batch_size: int) -> Optional[List[dict]]:
+    """Image i on rank i % world; the per-image results gathered on rank 0 and put back in
+    file order, so rank 0 holds exactly the single-process list (None on the other ranks).
+    With batch_size 1 (the default) each image's output does not depend on its batch mates."""
+    rank, world = get_rank(), get_world_size()
+    indices = list(range(rank, len(data), world))
+    loader = build_test_loader(cfg, dataset_name, batch_size=batch_size, data=data, indices=indices)
+    mine = list(zip(indices, _inference_per_image(model, loader, data.category_ids)))
+    gathered = gather(mine, dst=0)
+    if gathered is None:
+        return None
+    ordered = sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])
+    return [r for _, image_results in ordered for r in image_results]
 
 
 def coco_evaluate(coco_gt, results: List[dict], image_ids: Optional[Sequence[int]] = None) -> Dict[str, float]:
@@ -187,15 +209,28 @@ def check_num_classes(cfg, dataset_name: str, category_ids: Sequence[int]) -> No
         )
 
 
-def evaluate(cfg, model, dataset_name: str, output_dir: Optional[str] = None, batch_size: int = 1) -> EvaluationResult:
-    """Run ``model`` on ``dataset_name``, write the results and metrics json files, log the AP table."""
+def evaluate(
+    cfg, model, dataset_name: str, output_dir: Optional[str] = None, batch_size: int = 1
+) -> Optional[EvaluationResult]:
+    """Run ``model`` on ``dataset_name``, write the results and metrics json files, log the AP table.
+
+    With several processes (torchrun) every rank must call it: the images are
+    sharded over the ranks, rank 0 evaluates and writes, the others return None."""
     if output_dir is None:
         output_dir = os.path.join(cfg.OUTPUT_DIR, "inference", safe_folder_name(dataset_name))
-    loader = build_test_loader(cfg, dataset_name, batch_size=batch_size)
-    data = loader.data
-    check_num_classes(cfg, dataset_name, data.category_ids)
-    logger.info("Evaluating %s (%d images)", dataset_name, len(data))
-    detections = inference_on_dataset(model, loader, data.category_ids)
+    if get_world_size() > 1:
+        data = load_dataset(cfg, dataset_name, "DATASETS.TEST")
+        check_num_classes(cfg, dataset_name, data.category_ids)
+        logger.info("Evaluating %s (%d images, on %d processes)", dataset_name, len(data), get_world_size())
+        detections = _sharded_inference(cfg, model, dataset_name, data, batch_size)
+        if detections is None:
+            return None
+    else:
+        loader = build_test_loader(cfg, dataset_name, batch_size=batch_size)
+        data = loader.data
+        check_num_classes(cfg, dataset_name, data.category_ids)
+        logger.info("Evaluating %s (%d images)", dataset_name, len(data))
+        detections = inference_on_dataset(model, loader, data.category_ids)
     atomic_write_json(os.path.join(output_dir, "coco_instances_results.json"), detections)
     metrics = coco_evaluate(data.coco, detections, [r.image_id for r in data.records])
     atomic_write_json(os.path.join(output_dir, "metrics.json"), metrics)
