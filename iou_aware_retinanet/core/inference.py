@@ -78,13 +78,21 @@ def select_level_candidates(
     Returns anchor indices, classes, fused scores (sorted, descending) and
     class probabilities of the kept (anchor, class) pairs.
     """
-    fused = fuse_scores(cls_probs, None if ious is None else ious[:, None], config.alpha)
-    gate = fused if config.threshold_on == "fused" else cls_probs
+    if config.threshold_on == "cls" or ious is None:
+        # Gate on p first, fuse only the pairs that pass: the same scores, without
+        # computing S for every (anchor, class) of the level.
+        pair_idx = torch.nonzero(cls_probs > config.score_thresh)  # (P, 2) anchor, class
+        probs = cls_probs[pair_idx[:, 0], pair_idx[:, 1]]
+        scores = fuse_scores(probs, None if ious is None else ious[pair_idx[:, 0]], config.alpha)
+    else:
+        fused = fuse_scores(cls_probs, ious[:, None], config.alpha)
+        pair_idx = torch.nonzero(fused > config.score_thresh)
+        scores = fused[pair_idx[:, 0], pair_idx[:, 1]]
     # NaN compares False, but a NaN / inf IoU would still pass the "cls" gate (and an
     # inf one the "fused" gate): drop non-finite fused scores explicitly.
-    keep = (gate > config.score_thresh) & torch.isfinite(fused)
-    pair_idx = torch.nonzero(keep)  # (P, 2) anchor, class
-    scores = fused[keep]
+    finite = torch.isfinite(scores)
+    if torch.jit.is_tracing() or not bool(finite.all()):
+        pair_idx, scores = pair_idx[finite], scores[finite]
     scores, order = scores.topk(_topk_count(scores, config.topk_candidates))
     pair_idx = pair_idx[order]
     anchor_idx, class_idx = pair_idx.unbind(dim=1)

@@ -153,3 +153,26 @@ def test_clip_to_image():
     out = detect(torch.tensor([[0.9]]), torch.tensor([0.9]), torch.tensor([[990.0, 990, 1000, 1000]]), deltas,
                  clip_to_image=True)
     assert float(out.boxes.max()) <= 1000.0 and float(out.boxes.min()) >= 0.0
+
+
+@pytest.mark.parametrize("threshold_on", ["cls", "fused"])
+@pytest.mark.parametrize("alpha", [None, 0.5, 1.0])
+def test_level_candidates_equal_the_dense_rule(threshold_on, alpha):
+    """Gating p before fusing (the "cls" path) keeps exactly the pairs, scores and order of the
+    dense rule: fuse every (anchor, class), keep gate > thresh with a finite S, top-k of S."""
+    from iou_aware_retinanet.core.inference import select_level_candidates
+
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.rand(300, 5, generator=gen)
+    ious = torch.rand(300, generator=gen)
+    ious[[3, 7]] = float("nan")
+    config = InferenceConfig(alpha=alpha, score_thresh=0.3, threshold_on=threshold_on, topk_candidates=50)
+    fused = fuse_scores(probs, ious[:, None], alpha)
+    gate = fused if threshold_on == "fused" else probs
+    keep = (gate > 0.3) & torch.isfinite(fused)
+    expected_scores, order = fused[keep].topk(min(50, int(keep.sum())))
+    expected_pairs = torch.nonzero(keep)[order]
+    anchor_idx, class_idx, scores, cls_scores = select_level_candidates(probs, ious, config)
+    assert torch.equal(scores, expected_scores)
+    assert torch.equal(torch.stack([anchor_idx, class_idx], 1), expected_pairs)
+    assert torch.equal(cls_scores, probs[anchor_idx, class_idx])
