@@ -24,7 +24,7 @@ import torch
 from detectron2.engine import HookBase, hooks
 
 from ..atomic import atomic_write
-from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
+from ..faults import NonFiniteLossError, last_good_note, non_finite_tensors, non_finite_weights_error, resume_candidates
 
 __all__ = ["FiniteCheckpointer", "use_finite_checkpointer", "name_last_good_checkpoint", "resume_from_newest_readable"]
 
@@ -69,11 +69,7 @@ class FiniteCheckpointer(HookBase):
     def _write(self, name: str, state: dict) -> None:
         bad = non_finite_tensors(state["model"])
         if bad:
-            raise NonFiniteWeightsError(
-                f"Weights became infinite or NaN by iteration {state['iteration']} ({', '.join(bad[:5])}"
-                f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
-                "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
-            )
+            raise non_finite_weights_error(bad, state["iteration"], name, self.last_good)
         basename = f"{name}.pth"
         path = os.path.join(self.checkpointer.save_dir, basename)
         with atomic_write(path, "wb") as f:
@@ -106,13 +102,8 @@ def resume_from_newest_readable(checkpointer, resume_or_load: Callable[[bool], N
         return
     named = checkpointer.get_checkpoint_file()
     save_dir = checkpointer.save_dir
-    older = sorted(
-        (os.path.join(save_dir, f) for f in os.listdir(save_dir)
-         if f.startswith("model_") and f.endswith(".pth") and os.path.join(save_dir, f) != named),
-        key=os.path.getmtime, reverse=True,
-    )  # fmt: skip
     errors = []
-    for path in [named] + older:
+    for path in resume_candidates(save_dir, named):
         try:  # mmap: parses the archive without reading the tensors (Detectron2 then loads it)
             torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:

@@ -68,7 +68,10 @@ from . import checkpoint as _checkpoint
 from .checkpoint import load_checkpoint, load_weights, write_last_checkpoint
 from ..atomic import atomic_write
 from ..data.coco import read_image_rgb
-from ..faults import NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors
+from ..faults import (
+    NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors, non_finite_weights_error,
+    resume_candidates,
+)  # fmt: skip
 from .data import (
     build_train_loader, check_batch_divisible, dataset_class_names, derive_seed, load_dataset, load_train_records,
     resolve_dataset,
@@ -330,11 +333,7 @@ class Checkpointer(_checkpoint.Checkpointer):
         if comm.get_world_size() > 1:
             bad = comm.broadcast_object(bad)  # rank 0's verdict: every rank raises together, or none
         if bad:
-            raise NonFiniteWeightsError(
-                f"Weights became infinite or NaN by iteration {iteration} ({', '.join(bad[:5])}"
-                f"{', ...' if len(bad) > 5 else ''}): {name}.pth not written. {self.last_good_note()} "
-                "Try a lower SOLVER.BASE_LR, a longer SOLVER.WARMUP_ITERS or SOLVER.CLIP_GRADIENTS."
-            )
+            raise non_finite_weights_error(bad, iteration, name, self.last_saved)
         if comm.is_main_process():
             path = super().save(name, state=state, iteration=int(iteration), seed=int(seed))
         else:  # only rank 0 writes (the weights are the same on every rank)
@@ -370,13 +369,8 @@ class Checkpointer(_checkpoint.Checkpointer):
     def _load_newest_readable(self, named: str):
         """``named`` loaded, or else the newest older ``model_*.pth`` that loads (a truncated
         file, e.g. from a full disk, falls back to the previous good checkpoint)."""
-        candidates = [named] + sorted(
-            (os.path.join(self.output_dir, f) for f in os.listdir(self.output_dir)
-             if f.startswith("model_") and f.endswith(".pth") and os.path.join(self.output_dir, f) != named),
-            key=os.path.getmtime, reverse=True,
-        )  # fmt: skip
         errors = []
-        for path in candidates:
+        for path in resume_candidates(self.output_dir, named):
             try:
                 checkpoint = load_checkpoint(path)
             except (OSError, RuntimeError, ValueError, EOFError) as e:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write
+from .engine import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,5 @@ def default_output(cfg, fmt: str) -> str:
 
 
 def run_export(cfg, weights: str, fmt: str = "onnx", output: Optional[str] = None) -> str:
-    from .engine import load_model
-
     model = load_model(cfg, weights)
     return export_model(model, example_image(cfg), output or default_output(cfg, fmt), fmt)
