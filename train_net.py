@@ -8,6 +8,7 @@
 Same flags as Detectron2's tools/train_net.py; multi-GPU / multi-machine runs go
 through Detectron2's ``launch`` (DDP).
 """
+import logging
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -62,6 +63,11 @@ def setup(args):
     # COCOEvaluator looks for their json file.
     register_config_datasets(cfg)
     check_num_classes(cfg)  # MODEL.RETINANET.NUM_CLASSES against the datasets, before any training
+    if cfg.DATALOADER.CACHE_IMAGES:
+        logging.getLogger("detectron2").info(
+            "DATALOADER.CACHE_IMAGES is the torchvision engine's: here Detectron2's DatasetMapper reads every "
+            "image from its file"
+        )
     if not args.eval_only:
         check_test_images(cfg)  # a corrupt test image fails now, not after training
     return cfg

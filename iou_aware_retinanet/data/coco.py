@@ -309,6 +309,39 @@ Target = Dict[str, object]
 Transform = Callable[[torch.Tensor, Target], Tuple[torch.Tensor, Target]]
 
 
+def _check_image_size(rgb: np.ndarray, record: CocoRecord) -> None:
+    if rgb.shape[:2] != (record.height, record.width):
+        raise ValueError(
+            f"image file {record.file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
+            f"annotations say {record.height} x {record.width}"
+            + (
+                " (the sizes are swapped: the file probably has an EXIF orientation, which the reader "
+                "applies; annotate the rotated image, or strip the EXIF orientation)"
+                if rgb.shape[:2] == (record.width, record.height) else ""
+            )
+        )
+
+
+def decoded_size_bytes(records: Sequence[CocoRecord]) -> int:
+    """Bytes the records' images take decoded (uint8 RGB), from their annotated sizes."""
+    return sum(3 * r.height * r.width for r in records)
+
+
+def decode_images(records: Sequence[CocoRecord]) -> List[np.ndarray]:
+    """Every record's image, decoded once (uint8 (H, W, 3) RGB), checked against its size.
+
+    For :class:`CocoDetectionDataset`'s ``decoded``: a dataset that fits in memory is
+    then read from RAM instead of decoding a file per sample, which on a small CPU is
+    most of what the data pipeline costs (README "Training throughput").
+    """
+    images = []
+    for record in records:
+        rgb = read_image_rgb(record.file_name)
+        _check_image_size(rgb, record)
+        images.append(rgb)
+    return images
+
+
 class CocoDetectionDataset(torch.utils.data.Dataset):
     """Records as torchvision detection samples.
 
@@ -316,29 +349,31 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     target ``{"boxes": float32 (N, 4) XYXY, "labels": int64 (N,), "image_id": int}``.
     ``transforms`` is a callable ``(image, target) -> (image, target)``, such as
     :class:`RandomHorizontalFlip`. Resizing is left to the model
-    (torchvision's ``GeneralizedRCNNTransform``).
+    (torchvision's ``GeneralizedRCNNTransform``). ``decoded``: the records'
+    images already decoded (:func:`decode_images`), in the same order; the
+    files are then not read again (the samples are identical).
     """
 
-    def __init__(self, records: Sequence[CocoRecord], transforms: Optional[Transform] = None):
+    def __init__(
+        self, records: Sequence[CocoRecord], transforms: Optional[Transform] = None,
+        decoded: Optional[Sequence[np.ndarray]] = None,
+    ):  # fmt: skip
         self.records = list(records)
         self.transforms = transforms
+        if decoded is not None and len(decoded) != len(self.records):
+            raise ValueError(f"{len(decoded)} decoded images for {len(self.records)} records")
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Target]:
         record = self.records[index]
-        rgb = read_image_rgb(record.file_name)
-        if rgb.shape[:2] != (record.height, record.width):
-            raise ValueError(
-                f"image file {record.file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
-                f"annotations say {record.height} x {record.width}"
-                + (
-                    " (the sizes are swapped: the file probably has an EXIF orientation, which the reader "
-                    "applies; annotate the rotated image, or strip the EXIF orientation)"
-                    if rgb.shape[:2] == (record.width, record.height) else ""
-                )
-            )
+        if self.decoded is not None:
+            rgb = self.decoded[index]
+        else:
+            rgb = read_image_rgb(record.file_name)
+            _check_image_size(rgb, record)
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float().div_(255.0)
         target = {
             "boxes": torch.as_tensor(record.boxes, dtype=torch.float32).reshape(-1, 4),
@@ -384,6 +419,7 @@ class RandomHorizontalFlip:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prob={self.prob})"
+
 
 
 def collate_detection(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor], List[Target]]:

@@ -49,7 +49,8 @@ Keys honoured, beyond the project's own (``MODEL.IOU_AWARE``, ``MODEL.ASSIGNER``
                                           RANDOM_FLIP ("none", "horizontal"), FORMAT
                                           ("BGR", "RGB")
 ``DATASETS.*``                            TRAIN, TEST
-``DATALOADER.*``                          NUM_WORKERS, FILTER_EMPTY_ANNOTATIONS
+``DATALOADER.*``                          NUM_WORKERS, FILTER_EMPTY_ANNOTATIONS,
+                                          CACHE_IMAGES (the project's)
 ``SOLVER.*``                              the optimizer, schedule and checkpoint keys below
 ``TEST.*``                                DETECTIONS_PER_IMAGE, EVAL_PERIOD
 ``OUTPUT_DIR``, ``SEED``,                 as in Detectron2

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,6 +40,8 @@ from ..data.coco import (
     CocoDetectionDataset,
     CocoRecord,
     collate_detection,
+    decode_images,
+    decoded_size_bytes,
     hflip,
     load_coco_detection,
     read_image_rgb,
@@ -55,6 +58,7 @@ __all__ = [
     "build_test_loader",
     "build_train_loader",
     "check_batch_divisible",
+    "decode_train_images",
     "dataset_categories",
     "dataset_class_names",
     "read_images",
@@ -256,10 +260,11 @@ def build_flip(cfg, seed: int) -> Optional[SeededHorizontalFlip]:
 
 
 class TrainingDataset(Dataset):
-    """Records served by ``(epoch, index)`` keys (see :class:`TrainingSampler`), flipped by ``flip``."""
+    """Records served by ``(epoch, index)`` keys (see :class:`TrainingSampler`), flipped by ``flip``;
+    ``decoded``: the records' images decoded beforehand (see :func:`decode_train_images`)."""
 
-    def __init__(self, records: Sequence[CocoRecord], flip: Optional[SeededHorizontalFlip] = None):
-        self.base = CocoDetectionDataset(records)
+    def __init__(self, records: Sequence[CocoRecord], flip: Optional[SeededHorizontalFlip] = None, decoded=None):
+        self.base = CocoDetectionDataset(records, decoded=decoded)
         self.flip = flip
 
     def __len__(self) -> int:
@@ -271,6 +276,45 @@ class TrainingDataset(Dataset):
         if self.flip is not None:
             image, target = self.flip(image, target, epoch, index)
         return image, target
+
+
+# DATALOADER.CACHE_IMAGES refuses a dataset whose decoded images would take more than
+# this share of the machine's memory (the data-loader workers share the cache, fork).
+CACHE_MAX_MEMORY_FRACTION = 0.5
+
+
+def _physical_memory_bytes() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def decode_train_images(cfg, records: Sequence[CocoRecord]):
+    """``DATALOADER.CACHE_IMAGES``: every training image decoded once, before training
+    (uint8, H x W x 3 bytes each), or None when the key is False.
+
+    Decoding a PNG per sample is most of what the data pipeline costs on a
+    small CPU; with the images in memory a sample is a conversion and a flip,
+    cheap enough for the main process (``DATALOADER.NUM_WORKERS 0``). A dataset
+    larger than half the machine's memory is refused with an error naming the key.
+    """
+    if not cfg.DATALOADER.CACHE_IMAGES:
+        return None
+    size, memory = decoded_size_bytes(records), _physical_memory_bytes()
+    if memory is not None and size > CACHE_MAX_MEMORY_FRACTION * memory:
+        raise ValueError(
+            f"DATALOADER.CACHE_IMAGES: the {len(records)} training images take {size / 2**30:.1f} GiB decoded, "
+            f"more than {CACHE_MAX_MEMORY_FRACTION:.0%} of this machine's {memory / 2**30:.1f} GiB; "
+            "set DATALOADER.CACHE_IMAGES False (and DATALOADER.NUM_WORKERS > 0) for this dataset"
+        )
+    start = time.perf_counter()
+    decoded = decode_images(records)
+    logger.info(
+        "Decoded the %d training images into memory (%.0f MB) in %.1f s (DATALOADER.CACHE_IMAGES)",
+        len(records), size / 1e6, time.perf_counter() - start,
+    )
+    return decoded
 
 
 def _worker_init(worker_id: int) -> None:
@@ -304,7 +348,7 @@ def build_train_loader(cfg, seed: int, start_iter: int = 0, records: Optional[Se
     """Infinite loader of ``(images, targets)`` batches of ``SOLVER.IMS_PER_BATCH``, from ``start_iter`` on."""
     if records is None:
         records, _ = load_train_records(cfg)
-    dataset = TrainingDataset(records, build_flip(cfg, seed))
+    dataset = TrainingDataset(records, build_flip(cfg, seed), decode_train_images(cfg, records))
     world = get_world_size()
     check_batch_divisible(cfg, world)
     sampler = TrainingSampler(len(dataset), cfg.SOLVER.IMS_PER_BATCH, seed, start_iter, rank=get_rank(), world_size=world)

@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import os
 
 import cv2
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 
 from iou_aware_retinanet.data.coco import (
     CocoDetectionDataset,
+    decode_images,
+    decoded_size_bytes,
     RandomHorizontalFlip,
     collate_detection,
     hflip_boxes,
@@ -252,6 +255,35 @@ def test_image_size_disagreeing_with_annotations(tmp_path):
     dataset = CocoDetectionDataset(load_coco_detection(json_file, image_root).records)
     with pytest.raises(ValueError, match="1.png is 5 x 5"):
         dataset[0]
+
+
+def test_decoded_images_give_the_same_samples(tmp_path):
+    json_file, image_root = _write(tmp_path, _dataset([_ann(1, 1, [1, 2, 10, 5])]))
+    records = load_coco_detection(json_file, image_root).records
+    decoded = decode_images(records)
+    assert [d.shape for d in decoded] == [(H, W, 3)] * len(records) and decoded[0].dtype == np.uint8
+    assert decoded_size_bytes(records) == sum(d.nbytes for d in decoded)
+    from_files, from_memory = CocoDetectionDataset(records), CocoDetectionDataset(records, decoded=decoded)
+    samples = [from_files[i] for i in range(len(records))]
+    for (a, ta), (b, tb) in zip(samples, [from_memory[i] for i in range(len(records))]):
+        assert torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"]) and ta["image_id"] == tb["image_id"]
+    # The files are not read again: without them the samples are still there.
+    for record in records:
+        os.remove(record.file_name)
+    assert all(torch.equal(from_memory[i][0], samples[i][0]) for i in range(len(records)))
+    with pytest.raises(ValueError, match="1 decoded images for 2 records"):
+        CocoDetectionDataset(records, decoded=decoded[:1])
+
+
+def test_decoding_checks_sizes_and_names_unreadable_files(tmp_path):
+    json_file, image_root = _write(tmp_path, _dataset())
+    records = load_coco_detection(json_file, image_root).records
+    cv2.imwrite(str(tmp_path / "images" / "1.png"), np.zeros((5, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="1.png is 5 x 5"):
+        decode_images(records)
+    (tmp_path / "images" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(OSError, match="1.png"):
+        decode_images(records)
 
 
 def test_hflip_boxes_by_hand():
