@@ -1,5 +1,5 @@
 """The IoU prediction branch added to RetinaNet's box tower."""
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +21,27 @@ def build_iou_predictor(in_channels: int, num_anchors: int) -> nn.Conv2d:
     return conv
 
 
-def box_and_iou_outputs(feature: Tensor, box_conv: nn.Conv2d, iou_conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
-    """The box-delta and IoU convs on the box tower's last feature.
+def box_and_iou_outputs(
+    features: Sequence[Tensor], box_conv: nn.Conv2d, iou_conv: nn.Conv2d
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """The box-delta and IoU convs on the box tower's last feature of every level.
 
     Without autograd (inference) the two 3x3 convs run as one conv with their
-    weights stacked: the same per-channel sums, one pass over the feature and
-    one call instead of two per level, which is most of the IoU branch's cost
-    on a small network. With autograd they stay two convs, so training (and
-    the gradient into the tower) is exactly that of two separate layers.
+    weights stacked (once per call, for all levels): the same per-channel sums,
+    one pass over each feature and one call instead of two per level, which is
+    most of the IoU branch's cost on a small network. With autograd they stay
+    two convs, so training (and the gradient into the tower) is exactly that
+    of two separate layers.
     """
     if torch.is_grad_enabled():
-        return box_conv(feature), iou_conv(feature)
+        return [box_conv(f) for f in features], [iou_conv(f) for f in features]
     weight = torch.cat([box_conv.weight, iou_conv.weight])
     bias = torch.cat([box_conv.bias, iou_conv.bias])
-    both = F.conv2d(feature, weight, bias, box_conv.stride, box_conv.padding)
-    return both.split([box_conv.out_channels, iou_conv.out_channels], dim=1)
+    boxes, ious = [], []
+    for feature in features:
+        box, iou = F.conv2d(feature, weight, bias, box_conv.stride, box_conv.padding).split(
+            [box_conv.out_channels, iou_conv.out_channels], dim=1
+        )
+        boxes.append(box)
+        ious.append(iou)
+    return boxes, ious

@@ -99,6 +99,25 @@ def select_level_candidates(
     return anchor_idx, class_idx, scores, cls_probs[anchor_idx, class_idx]
 
 
+def _level_pairs_gated_on_p(
+    cls_probs: Tensor, ious: Tensor, config: InferenceConfig
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The kept pairs of one level when the gate is p, unfused: anchor indices, classes, p.
+
+    The pairs of :func:`select_level_candidates` (p > thresh, finite S, top-k of
+    S), but S is only computed (and sorted) here when the level has more than
+    ``topk_candidates`` pairs; otherwise every pair is kept, unsorted (NMS
+    sorts), and :func:`postprocess_image` fuses all levels' pairs at once and
+    drops non-finite scores.
+    """
+    pair_idx = torch.nonzero(cls_probs > config.score_thresh)
+    if pair_idx.shape[0] > config.topk_candidates:
+        anchor_idx, class_idx, _, probs = select_level_candidates(cls_probs, ious, config)
+        return anchor_idx, class_idx, probs
+    anchor_idx, class_idx = pair_idx.unbind(dim=1)
+    return anchor_idx, class_idx, cls_probs[anchor_idx, class_idx]
+
+
 def postprocess_image(
     cls_probs: Sequence[Tensor],
     box_deltas: Sequence[Tensor],
@@ -113,7 +132,18 @@ def postprocess_image(
     cls_probs[l] (A_l, K) probabilities, box_deltas[l] (A_l, 4), ious[l]
     (A_l,) IoU predictions in [0, 1] (or any localization quality, e.g. the
     IoU_truth of the upper-bound analysis), anchors[l] (A_l, 4).
+
+    With the IoU branch and the gate on p (``threshold_on="cls"``), which pairs
+    a level keeps depends on S only if it has more than ``topk_candidates`` of
+    them, so S is computed once for every level's pairs (a few ops per image
+    instead of a few per level: the IoU branch's share of post-processing on a
+    small network) and a level is sorted only when its top-k has something to
+    drop. The detections are those of :func:`select_level_candidates` on each
+    level (NMS sorts by S). Without the IoU branch every level goes through
+    :func:`select_level_candidates`, top-k included, as in torchvision and
+    Detectron2: the same order for equal scores, so the same detections.
     """
+    fuse_once = ious is not None and config.threshold_on == "cls" and not torch.jit.is_tracing()
     boxes_all: List[Tensor] = []
     scores_all: List[Tensor] = []
     classes_all: List[Tensor] = []
@@ -121,25 +151,31 @@ def postprocess_image(
     ious_all: List[Tensor] = []
     for level, (probs_l, deltas_l, anchors_l) in enumerate(zip(cls_probs, box_deltas, anchors)):
         ious_l = None if ious is None else ious[level]
-        anchor_idx, class_idx, scores, cls_scores = select_level_candidates(probs_l, ious_l, config)
+        if fuse_once:
+            anchor_idx, class_idx, cls_scores = _level_pairs_gated_on_p(probs_l, ious_l, config)
+        else:
+            anchor_idx, class_idx, scores, cls_scores = select_level_candidates(probs_l, ious_l, config)
+            scores_all.append(scores)
         boxes = box_coder.apply_deltas(deltas_l[anchor_idx], anchors_l[anchor_idx])
         if config.clip_to_image:
             boxes = clip_boxes_to_image(boxes, image_size)
         boxes_all.append(boxes)
-        scores_all.append(scores)
         classes_all.append(class_idx)
         cls_all.append(cls_scores)
         if ious_l is not None:
             ious_all.append(ious_l[anchor_idx])
 
     boxes = torch.cat(boxes_all)
-    scores = torch.cat(scores_all)
     classes = torch.cat(classes_all)
     cls_scores = torch.cat(cls_all)
     iou_values = torch.cat(ious_all) if ious is not None else None
+    scores = fuse_scores(cls_scores, iou_values, config.alpha) if fuse_once else torch.cat(scores_all)
 
-    # Wild deltas (inf / NaN) decode to non-finite boxes that NMS cannot rank.
+    # Wild deltas (inf / NaN) decode to non-finite boxes that NMS cannot rank; a NaN / inf
+    # IoU gives a non-finite S (select_level_candidates drops those per level).
     finite = torch.isfinite(boxes).all(dim=1)
+    if fuse_once:
+        finite &= torch.isfinite(scores)
     if torch.jit.is_tracing() or not bool(finite.all()):  # a trace cannot branch on data: always filter
         boxes, scores, classes, cls_scores = boxes[finite], scores[finite], classes[finite], cls_scores[finite]
         iou_values = iou_values[finite] if iou_values is not None else None

@@ -61,18 +61,11 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
     def forward(self, features: List[Tensor]):
         """Per-level (N, A*K, H, W) logits, (N, A*4, H, W) deltas and, with the
         IoU branch, (N, A, H, W) IoU logits."""
-        logits, bbox_reg, iou_logits = [], [], []
-        for feature in features:
-            logits.append(self.cls_score(self.cls_subnet(feature)))
-            bbox_feature = self.bbox_subnet(feature)
-            if self.iou_pred is None:
-                bbox_reg.append(self.bbox_pred(bbox_feature))
-                continue
-            box, iou = box_and_iou_outputs(bbox_feature, self.bbox_pred, self.iou_pred)
-            bbox_reg.append(box)
-            iou_logits.append(iou)
+        logits = [self.cls_score(self.cls_subnet(feature)) for feature in features]
+        bbox_features = [self.bbox_subnet(feature) for feature in features]
         if self.iou_pred is None:
-            return logits, bbox_reg
+            return logits, [self.bbox_pred(f) for f in bbox_features]
+        bbox_reg, iou_logits = box_and_iou_outputs(bbox_features, self.bbox_pred, self.iou_pred)
         return logits, bbox_reg, iou_logits
 
 

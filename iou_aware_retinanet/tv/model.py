@@ -138,13 +138,11 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
         if self.iou_pred is None:
             out["bbox_regression"] = self.regression_head(x)
             return out
-        deltas, ious = [], []
-        for feature in x:
-            box, iou = box_and_iou_outputs(self.regression_head.conv(feature), self.regression_head.bbox_reg, self.iou_pred)
-            deltas.append(_flatten_level(box, 4))
-            ious.append(_flatten_level(iou, 1))
-        out["bbox_regression"] = torch.cat(deltas, dim=1)
-        out["iou_logits"] = torch.cat(ious, dim=1).squeeze(-1)
+        boxes, ious = box_and_iou_outputs(
+            [self.regression_head.conv(feature) for feature in x], self.regression_head.bbox_reg, self.iou_pred
+        )
+        out["bbox_regression"] = torch.cat([_flatten_level(box, 4) for box in boxes], dim=1)
+        out["iou_logits"] = torch.cat([_flatten_level(iou, 1) for iou in ious], dim=1).squeeze(-1)
         return out
 
 

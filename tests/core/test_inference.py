@@ -176,3 +176,63 @@ def test_level_candidates_equal_the_dense_rule(threshold_on, alpha):
     assert torch.equal(scores, expected_scores)
     assert torch.equal(torch.stack([anchor_idx, class_idx], 1), expected_pairs)
     assert torch.equal(cls_scores, probs[anchor_idx, class_idx])
+
+
+def _dense_reference(probs, deltas, ious, anchors, config):
+    """The rule written out densely: per level fuse every (anchor, class), gate, drop
+    non-finite S, keep the top-k of S; then decode, drop non-finite boxes, NMS by S."""
+    from torchvision.ops import batched_nms
+
+    kept = []
+    for level, (p, d, a) in enumerate(zip(probs, deltas, anchors)):
+        iou = None if ious is None else ious[level]
+        fused = p if iou is None else fuse_scores(p, iou[:, None], config.alpha)
+        gate = fused if config.threshold_on == "fused" else p
+        keep = (gate > config.score_thresh) & torch.isfinite(fused)
+        scores, order = fused[keep].topk(min(config.topk_candidates, int(keep.sum())))
+        anchor_idx, class_idx = torch.nonzero(keep)[order].unbind(1)
+        boxes = BoxCoder().apply_deltas(d[anchor_idx], a[anchor_idx])
+        level_iou = torch.full_like(scores, -1.0) if iou is None else iou[anchor_idx]
+        kept.append((boxes, scores, class_idx, p[anchor_idx, class_idx], level_iou))
+    boxes, scores, classes, cls_scores, level_ious = (torch.cat(x) for x in zip(*kept))
+    finite = torch.isfinite(boxes).all(1)
+    boxes, scores, classes, cls_scores, level_ious = (x[finite] for x in (boxes, scores, classes, cls_scores, level_ious))
+    keep = batched_nms(boxes, scores, classes, config.nms_thresh)[: config.max_detections]
+    return boxes[keep], scores[keep], classes[keep], cls_scores[keep], level_ious[keep]
+
+
+@pytest.mark.parametrize("threshold_on", ["cls", "fused"])
+@pytest.mark.parametrize("alpha", [None, 0.5, 0.3, 1.0])
+@pytest.mark.parametrize("with_iou", [True, False])
+def test_postprocess_equals_the_dense_rule_on_random_levels(threshold_on, alpha, with_iou):
+    """Three levels, one with more candidates than top-k allows (the per-level top-k
+    then drops pairs), NaN and inf IoUs, an inf delta: the same detections, scores
+    and order as the dense rule, whichever path computes S."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = (400, 60, 30)
+    probs = [torch.rand(n, 3, generator=gen) ** 2 for n in sizes]
+    ious = [torch.rand(n, generator=gen) for n in sizes]
+    ious[0][[5, 9]] = float("nan")
+    ious[1][4] = float("inf")
+    deltas = [0.2 * torch.randn(n, 4, generator=gen) for n in sizes]
+    deltas[2][0, 0] = float("inf")
+    anchors = []
+    for n in sizes:
+        xy = 200 * torch.rand(n, 2, generator=gen)
+        anchors.append(torch.cat([xy, xy + 10 + 40 * torch.rand(n, 2, generator=gen)], 1))
+    config = InferenceConfig(alpha=alpha, score_thresh=0.2, threshold_on=threshold_on, topk_candidates=150,
+                             nms_thresh=0.7, max_detections=1000)
+    assert int((probs[0] > 0.2).sum()) > 150 >= int((probs[1] > 0.2).sum())  # level 0's top-k drops pairs
+    out = postprocess_image(probs, deltas, ious if with_iou else None, anchors, BoxCoder(), (1000, 1000), config)
+    boxes, scores, classes, cls_scores, level_ious = _dense_reference(
+        probs, deltas, ious if with_iou else None, anchors, config
+    )
+    assert len(out) == len(boxes) > 20
+    assert torch.equal(out.boxes, boxes) and torch.equal(out.classes, classes)
+    assert torch.equal(out.cls_scores, cls_scores)
+    # pow's last bit depends on the tensor's layout (vectorized or not): S to 1e-6 relative.
+    torch.testing.assert_close(out.scores, scores, rtol=1e-6, atol=0)
+    if with_iou:
+        assert torch.equal(out.ious, level_ious)
+    else:
+        assert out.ious is None
