@@ -442,7 +442,8 @@ def test_cache_larger_than_half_the_memory_is_refused(tmp_path, monkeypatch):
         build_train_loader(cfg, 0, 0, records)
     monkeypatch.setattr(tv_data, "_physical_memory_bytes", lambda: 2 * size)
     assert len(tv_data.decode_train_images(cfg, records)) == len(records)
-    assert tv_data.decode_train_images(tiny_cfg(tmp_path), records) is None  # the key off: nothing decoded
+    off = tiny_cfg(tmp_path, **{"DATALOADER.CACHE_IMAGES": False})
+    assert tv_data.decode_train_images(off, records) is None  # the key off: nothing decoded
 
 
 def test_seeded_flip_is_deterministic_and_correct():
@@ -532,10 +533,25 @@ def test_unreadable_image_named_through_the_worker(tmp_path):
     bad = os.path.join(image_root, "img1.png")
     with open(bad, "wb") as f:
         f.write(b"not a png")
-    cfg = _own_dataset_cfg(tmp_path, json_file, image_root, **{"DATALOADER.NUM_WORKERS": 1, "SOLVER.IMS_PER_BATCH": 4})
+    cfg = _own_dataset_cfg(
+        tmp_path, json_file, image_root,
+        **{"DATALOADER.NUM_WORKERS": 1, "DATALOADER.CACHE_IMAGES": False, "SOLVER.IMS_PER_BATCH": 4},
+    )  # fmt: skip
     with pytest.raises(OSError, match="could not read or decode image file .*img1.png") as info:
         engine.train(cfg)
     assert "iteration 0" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_unreadable_image_named_before_training_with_the_cache(tmp_path, monkeypatch):
+    json_file, image_root = write_coco(str(tmp_path))
+    with open(os.path.join(image_root, "img2.png"), "wb") as f:
+        f.write(b"not a png")
+    steps = []
+    monkeypatch.setattr(engine, "run_step", lambda *args, **kwargs: steps.append(1))
+    cfg = _own_dataset_cfg(tmp_path, json_file, image_root, **{"DATALOADER.CACHE_IMAGES": True})
+    with pytest.raises(OSError, match="could not read or decode image file .*img2.png"):
+        engine.train(cfg)
+    assert steps == []  # no iteration ran
 
 
 def test_images_without_annotations_train(tmp_path):
