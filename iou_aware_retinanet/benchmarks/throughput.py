@@ -15,8 +15,8 @@ Two ways to run the same iterations of the same config, alternated
 
 Each round runs both loops for ``--short`` and for ``--iters`` iterations.
 The difference of the two wall times over ``iters - short`` iterations is the
-steady-state cost of one iteration (what a 6,000-iteration job pays per
-step); what is left of the short run is the loop's fixed start-up cost
+steady-state cost of one iteration (what a job of thousands of iterations
+pays per step); what is left of the short run is the loop's fixed start-up cost
 (starting workers, decoding a cache, importing TensorBoard), paid once per
 run and printed apart. Prints images/s and the ratio engine / in memory of
 the per-iteration times (target <= 1.10: the pipeline and the engine should

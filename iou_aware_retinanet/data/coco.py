@@ -421,7 +421,6 @@ class RandomHorizontalFlip:
         return f"{type(self).__name__}(prob={self.prob})"
 
 
-
 def collate_detection(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor], List[Target]]:
     """(images, targets) lists: detection images differ in size, so they are not stacked."""
     images = [image for image, _ in batch]
