@@ -39,11 +39,14 @@ itself, without going through the catalog, hence :func:`ensure_generated`,
 which the trainer calls for its train and test datasets before it starts.
 """
 import functools
+import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .synthetic import SHAPES_PRESETS, ShapesSpec, dataset_paths, generate_shapes_dataset
+from .synthetic import SHAPES_PRESETS, ShapesSpec, dataset_fingerprint, dataset_paths, generate_shapes_dataset
+
+logger = logging.getLogger("iou_aware_retinanet.data")
 
 DATASETS_ENV = "IOU_AWARE_RETINANET_DATASETS"
 DETECTRON2_DATASETS_ENV = "DETECTRON2_DATASETS"
@@ -167,6 +170,36 @@ def ensure_generated(names: Iterable[str], root: Optional[str] = None) -> List[s
         for name in names
         if name in BUILTIN_SHAPES
     ]
+
+
+def shapes_fingerprints(datasets: Mapping[str, Tuple[str, str]]) -> Dict[str, str]:
+    """Data fingerprints (:func:`~iou_aware_retinanet.data.synthetic.dataset_fingerprint`)
+    of the built-in shapes datasets among ``datasets`` (name -> (json file, image folder),
+    as resolved for a run).
+
+    A name counts only where it resolved to the generated copy (a user's
+    ``DATASETS.COCO_INSTANCES`` entry of the same name is left out); other
+    datasets are left out too: hashing the pixels of a COCO-size dataset would
+    take minutes. A few seconds for ``shapes_train`` (2,000 PNGs decoded).
+    """
+    out = {}
+    for name, (json_file, image_root) in datasets.items():
+        if name not in BUILTIN_SHAPES:
+            continue
+        split = BUILTIN_SHAPES[name]
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(json_file))))  # <root>/<name>/annotations/
+        generated = [os.path.normpath(p) for p in dataset_paths(root, split.split, split.name)]
+        if generated == [os.path.normpath(os.path.abspath(p)) for p in (json_file, image_root)]:
+            out[name] = dataset_fingerprint(json_file, image_root)
+    return out
+
+
+def log_data_fingerprints(datasets: Mapping[str, Tuple[str, str]]) -> Dict[str, str]:
+    """Log (and return) :func:`shapes_fingerprints` of ``datasets``: what a run trained and was evaluated on."""
+    fingerprints = shapes_fingerprints(datasets)
+    for name, fingerprint in fingerprints.items():
+        logger.info("Data fingerprint of %s (sha256 of decoded pixels and annotations): %s", name, fingerprint)
+    return fingerprints
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str) -> None:

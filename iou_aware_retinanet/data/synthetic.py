@@ -57,6 +57,7 @@ is redone; a complete copy with the same parameters is reused.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -763,6 +764,47 @@ def generate_shapes_dataset(
     return json_path, image_dir
 
 
+# --------------------------------------------------------------------------- fingerprint
+
+
+def dataset_fingerprint(json_file: str, image_root: str, max_images: Optional[int] = None) -> str:
+    """SHA-256 (hex) of a COCO-format dataset's decoded pixels and annotations.
+
+    What a model trains on, and nothing else: the categories (id, name), then
+    per image in id order (the first ``max_images``) its file name and size,
+    the pixels as OpenCV decodes them (shape and bytes) and its annotations
+    (every field but the ids, keys sorted). The json's ``info`` block, its
+    layout and the PNG bytes do not enter, so the fingerprint changes when the
+    data does (a new OpenCV or NumPy drawing other pixels, other boxes) and
+    only then; the first k images of a split have the fingerprint of a k-image
+    split of the same spec and seed (each image has its own random stream).
+    """
+    with open(json_file, "r", encoding="utf-8") as f:
+        dataset = json.load(f)
+    if max_images is not None and max_images < 0:
+        raise ValueError(f"max_images must be >= 0 or None, got {max_images}")
+    by_image: Dict[int, List[dict]] = {}
+    for ann in dataset.get("annotations", []):
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    digest = hashlib.sha256()
+
+    def add_json(value) -> None:
+        digest.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+    add_json(sorted([c["id"], c["name"]] for c in dataset.get("categories", [])))
+    images = sorted(dataset.get("images", []), key=lambda im: im["id"])
+    for image in images if max_images is None else images[:max_images]:
+        path = os.path.join(image_root, image["file_name"])
+        pixels = cv2.imread(path, cv2.IMREAD_COLOR)
+        if pixels is None:
+            raise FileNotFoundError(f"{json_file}: image {path} is missing or cannot be decoded")
+        add_json([image["file_name"], image["height"], image["width"], list(pixels.shape), str(pixels.dtype)])
+        digest.update(np.ascontiguousarray(pixels).tobytes())
+        anns = sorted(by_image.get(image["id"], []), key=lambda a: a["id"])
+        add_json([{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in anns])
+    return digest.hexdigest()
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -801,6 +843,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     elapsed = time.perf_counter() - start
     print(f"{args.num_images} images in {elapsed:.1f} s -> {json_path}, {image_dir}")
+    print(f"data fingerprint (sha256 of decoded pixels and annotations): {dataset_fingerprint(json_path, image_dir)}")
 
 
 if __name__ == "__main__":
