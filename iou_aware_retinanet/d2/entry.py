@@ -18,7 +18,8 @@ from typing import Sequence
 
 from detectron2.config import get_cfg
 
-from ..config import add_iou_aware_retinanet_config, ints_as_floats
+from ..config import add_iou_aware_retinanet_config
+from ..config_files import load_config
 
 __all__ = ["setup_project_cfg", "check_weights_file", "check_eval_weights"]
 
@@ -26,18 +27,11 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 
 def setup_project_cfg(config_file: str, opts: Sequence[str] = (), freeze: bool = True):
-    """Detectron2's config + the project's keys + ``config_file`` (safe YAML) + ``opts``."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file}: file not found")
-    if len(opts) % 2:
-        raise ValueError(f"config overrides come in KEY VALUE pairs, got an odd number: {list(opts)}")
+    """Detectron2's config + the project's keys + ``config_file`` (safe YAML) + ``opts``, checked
+    (:func:`~iou_aware_retinanet.config_files.load_config`, shared with the torchvision front-end)."""
     cfg = get_cfg()
     add_iou_aware_retinanet_config(cfg)
-    cfg.merge_from_file(config_file, allow_unsafe=False)  # yaml.safe_load: no Python tags
-    cfg.merge_from_list(ints_as_floats(cfg, opts))
-    if freeze:
-        cfg.freeze()
-    return cfg
+    return load_config(cfg, config_file, opts, freeze=freeze)
 
 
 def check_weights_file(path: str, allow_pickle: bool = False, key: str = "MODEL.WEIGHTS") -> None:

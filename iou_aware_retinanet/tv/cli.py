@@ -22,7 +22,7 @@ import cv2
 import torch
 from tqdm import tqdm
 
-from ..config import ints_as_floats
+from ..config_files import load_config
 from .config import get_cfg
 from ..visualize import draw_detections
 from .data import dataset_categories, read_images, resolve_dataset
@@ -92,19 +92,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(config_file: str, opts: Sequence[str] = ()):
-    """``get_cfg()`` + the file + the ``KEY VALUE`` overrides, frozen."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"--config-file {config_file}: file not found")
-    if len(opts) % 2:
-        raise ValueError(f"config overrides come in KEY VALUE pairs, got an odd number: {list(opts)}")
-    cfg = get_cfg()
-    cfg.merge_from_file(config_file)
-    try:
-        cfg.merge_from_list(ints_as_floats(cfg, opts))
-    except AssertionError as e:  # yacs asserts on unknown keys
-        raise KeyError(f"command-line override: {e}") from None
-    cfg.freeze()
-    return cfg
+    """``get_cfg()`` + the file + the ``KEY VALUE`` overrides, checked and frozen
+    (:func:`~iou_aware_retinanet.config_files.load_config`, shared with the Detectron2 path)."""
+    return load_config(get_cfg(), config_file, opts)
 
 
 def resolve_weights(cfg, weights: Optional[str]) -> str:
@@ -263,7 +253,7 @@ def _run(args, cfg):
         with log_to_file(cfg.OUTPUT_DIR):
             return run_eval(cfg, args.weights)  # logs the AP table
     if args.command == "export":
-        path = run_export(cfg, resolve_weights(cfg, args.weights), args.format, args.output)
+        path = run_export(cfg, resolve_weights(cfg, args.weights), args.format, args.output, args.config_file)
         print(f"exported: {path}")
         return path
     return predict(cfg, args.input, args.output, args.weights, args.min_score)

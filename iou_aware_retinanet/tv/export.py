@@ -23,7 +23,8 @@ size the trace's ops allow; ONNX needs the ``export`` extra
 """
 import logging
 import os
-from typing import Optional, Tuple
+import zipfile
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -61,9 +62,11 @@ def example_image(cfg) -> Tensor:
 
 
 def export_model(model: nn.Module, example: Tensor, output: str, fmt: str = "onnx") -> str:
-    """Write ``model`` (an eval-mode torchvision-front-end model) to ``output``; returns the path."""
+    """Write ``model`` (an eval-mode torchvision-front-end model) to ``output``; returns the path.
+    An existing ``output`` is replaced only when it is an earlier export in ``fmt``."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}; valid choices: {', '.join(FORMATS)}")
+    check_export_output(output, fmt, ())
     wrapper = ExportableDetector(model).eval()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with torch.no_grad(), atomic_write(output, "wb") as f:
@@ -87,6 +90,54 @@ def default_output(cfg, fmt: str) -> str:
     return os.path.join(cfg.OUTPUT_DIR, "model.onnx" if fmt == "onnx" else "model.ts")
 
 
-def run_export(cfg, weights: str, fmt: str = "onnx", output: Optional[str] = None) -> str:
+def is_export_of(path: str, fmt: str) -> bool:
+    """Whether the file ``path`` is an earlier export in ``fmt`` (what ``export`` may replace)."""
+    if fmt == "torchscript":  # a zip archive with TorchScript code (a torch.save file has none)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any("/code/" in name for name in archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            return False
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not an ONNX protobuf (or onnx missing: then nothing is replaced)
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0 and len(model.graph.output) > 0
+
+
+def check_export_output(output: str, fmt: str, inputs: Sequence[str]) -> None:
+    """Refuse, before any work, an ``output`` that is one of the ``inputs`` (the weights, the
+    config) or an existing file that is not an earlier export in ``fmt``: export never
+    overwrites a file the user owns."""
+    real = os.path.realpath(output)
+    for path in inputs:
+        if path and os.path.exists(path) and (real == os.path.realpath(path) or _same_file(output, path)):
+            raise FileExistsError(f"--output {output} is the input file {path}: choose another --output")
+    if os.path.isdir(output):
+        raise IsADirectoryError(f"--output {output} is a folder: name the file to write, e.g. {os.path.join(output, 'model.onnx')}")
+    if os.path.exists(output) and not is_export_of(output, fmt):
+        raise FileExistsError(
+            f"--output {output} exists and is not an earlier {fmt} export: export replaces only its own "
+            "files; choose another --output (or remove the file yourself)"
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return False
+
+
+def run_export(cfg, weights: str, fmt: str = "onnx", output: Optional[str] = None, config_file: str = "") -> str:
+    """Load ``weights`` (refused unless they fit the model) and export; ``output`` defaults to
+    ``OUTPUT_DIR/model.onnx`` (``model.ts``). Neither the weights nor the config nor any file
+    that is not an earlier export is overwritten."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}; valid choices: {', '.join(FORMATS)}")
+    output = output or default_output(cfg, fmt)
+    check_export_output(output, fmt, [weights, config_file])
     model = load_model(cfg, weights)
-    return export_model(model, example_image(cfg), output or default_output(cfg, fmt), fmt)
+    return export_model(model, example_image(cfg), output, fmt)

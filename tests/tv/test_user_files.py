@@ -1,0 +1,63 @@
+"""The torchvision front-end never overwrites what the user owns, and refuses weights that do not fit."""
+import hashlib
+import os
+
+import pytest
+import torch
+
+from iou_aware_retinanet.tv import build_model
+from iou_aware_retinanet.tv.checkpoint import save_checkpoint
+from iou_aware_retinanet.tv.cli import main, setup_cfg
+from iou_aware_retinanet.tv.export import check_export_output
+
+from .engine_helpers import SHAPES_CONFIG, fresh_datasets_root  # noqa: F401 (autouse fixture)
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def weights(tmp_path):
+    cfg = setup_cfg(SHAPES_CONFIG, ["OUTPUT_DIR", str(tmp_path / "run")])
+    torch.manual_seed(0)
+    path = tmp_path / "run" / "model_final.pth"
+    save_checkpoint(build_model(cfg), str(path))
+    return path
+
+
+def _export(weights, *extra):
+    return main(["export", "--config-file", SHAPES_CONFIG, "--weights", str(weights), "--format", "torchscript",
+                 *extra, "OUTPUT_DIR", str(weights.parent)])  # fmt: skip
+
+
+def test_export_refuses_to_overwrite_its_weights(weights):
+    before = _digest(weights)
+    with pytest.raises(FileExistsError, match="input file"):
+        _export(weights, "--output", str(weights))
+    assert _digest(weights) == before
+    link = weights.parent / "hard_link.pth"
+    os.link(weights, link)  # another name for the same file
+    with pytest.raises(FileExistsError, match="input file"):
+        _export(weights, "--output", str(link))
+    assert _digest(weights) == before
+
+
+def test_export_refuses_a_user_file_but_replaces_its_own_export(weights, tmp_path):
+    notes = tmp_path / "notes.ts"
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match="not an earlier torchscript export"):
+        _export(weights, "--output", str(notes))
+    assert notes.read_text() == "my notes"
+    other_weights = tmp_path / "other.ts"
+    save_checkpoint(torch.nn.Linear(2, 2), str(other_weights))  # a torch.save zip, not TorchScript
+    with pytest.raises(FileExistsError, match="not an earlier torchscript export"):
+        _export(weights, "--output", str(other_weights))
+    out = tmp_path / "model.ts"
+    assert _export(weights, "--output", str(out)) == str(out)
+    assert _export(weights, "--output", str(out)) == str(out)  # its own export: replaced
+    torch.jit.load(str(out))
+    config = tmp_path / "my_config.yaml"
+    config.write_text("_BASE_: base.yaml\n")
+    with pytest.raises(FileExistsError, match="input file"):
+        check_export_output(str(config), "onnx", [str(weights), str(config)])
