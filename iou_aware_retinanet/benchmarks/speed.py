@@ -4,7 +4,8 @@
     python -m iou_aware_retinanet.benchmarks.speed --setting shapes     # or: --setting r50
     python -m iou_aware_retinanet.benchmarks.speed --quick              # shapes, 3 repeats, < 2 min
     python -m iou_aware_retinanet.benchmarks.speed --repeats 20 --threads 2 --json speed.json
-    /path/to/detectron2-env/bin/python -m iou_aware_retinanet.benchmarks.speed   # + Detectron2 rows
+
+With Detectron2 importable (see docs/getting_started.md) the Detectron2 rows run too.
 
 Every comparison is a pair (A, B) timed in one process on the same inputs,
 from the same weights, and reported as the ratio B / A of the medians:
@@ -55,9 +56,9 @@ deltas have std ``DELTA_STD`` and IoU predictions spread around
 ``IOU_CENTER`` (see ``calibrate_head``). Inference cost depends on these
 choices; the detections per image are printed next to every inference ratio.
 
-On a machine shared with other jobs, pin ``--threads`` (e.g. 1): with a
-training job on both cores, torch's default 2 intra-op threads made every
-model here ~50x slower, and unevenly so.
+On a machine shared with other jobs, pin ``--threads`` (e.g. 1): intra-op
+threads that compete with another job for the same cores slow every model
+down many times, and unevenly so.
 """
 import argparse
 import contextlib
@@ -161,8 +162,8 @@ PEER_TARGETS = (("train", 0.05), ("inference", 0.05))
 IOU_AWARE_PAIRS = (
     Pair("tv: RetinaNet -> IoU-aware", "tv", "tv_retinanet", "tv_iou_aware", IOU_AWARE_TARGETS),
     Pair("d2: RetinaNet -> IoU-aware", "d2", "d2_retinanet", "d2_iou_aware", IOU_AWARE_TARGETS),
-    # The same model thresholding p before fusing (MODEL.IOU_AWARE.THRESHOLD_ON "cls"):
-    # S >= p wherever IoU >= p, so the default "fused" threshold lets more pairs into NMS.
+    # The same model with MODEL.IOU_AWARE.THRESHOLD_ON "cls" set explicitly (threshold p, then
+    # rank by S); S >= p wherever IoU >= p, so thresholding S ("fused") lets more pairs into NMS.
     Pair("tv: RetinaNet -> IoU-aware, threshold on p", "tv", "tv_retinanet", "tv_iou_aware_cls", IOU_AWARE_TARGETS),
     Pair("d2: RetinaNet -> IoU-aware, threshold on p", "d2", "d2_retinanet", "d2_iou_aware_cls", IOU_AWARE_TARGETS),
 )

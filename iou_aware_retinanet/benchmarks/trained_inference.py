@@ -16,8 +16,7 @@ returns.
 Settings of the IoU-aware model (``MODEL.IOU_AWARE.THRESHOLD_ON`` /
 ``MODEL.RETINANET.SCORE_THRESH_TEST``): threshold 0.05 on S (``fused``), on
 p (``cls``), and on S at higher values, as FCOS-style detectors retune it.
-Target: IoU-aware / baseline <= 1.03 with the default config, within 0.1 AP of
-the best setting.
+Results: docs/results.md, "Inference cost on trained weights".
 """
 import argparse
 import dataclasses

@@ -1,1 +1,1 @@
-"""Studies that regenerate the README's results: ``accuracy`` (AP, alpha sweep, upper bound, correlation) and ``speed`` (time and memory ratios)."""
+"""Studies that regenerate the results of docs/results.md and docs/recipe_search.md: ``accuracy`` (AP, alpha sweep, upper bound, correlation, calibration), ``recipe`` (the recipe search), ``learning_curve`` (AP against iteration of a run)."""
