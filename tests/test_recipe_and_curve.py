@@ -9,7 +9,7 @@ from iou_aware_retinanet.tv.evaluation import curve_table, evaluation_points
 
 
 def test_presets_name_the_two_difficulties():
-    assert shapes_preset("hard") == ShapesSpec()  # generator 1.0's data, unchanged
+    assert shapes_preset("hard") == ShapesSpec()  # the hard data: ShapesSpec's defaults
     standard = shapes_preset("standard")
     assert standard.image_size == (128, 128) and standard.max_clutter == 0 and standard.min_object_size == 16.0
     with pytest.raises(ValueError, match="standard"):

@@ -47,7 +47,7 @@ def test_documented_names_exist():
     assert BUILTIN_SHAPES["shapes_train"].num_images == 2000
     assert BUILTIN_SHAPES["shapes_val"].num_images == 300
     assert BUILTIN_SHAPES["shapes_train"].spec == SHAPES_PRESETS["standard"]
-    # The harder variant keeps generator 1.0's data, by name.
+    # The hard data is ShapesSpec's defaults, by name.
     assert BUILTIN_SHAPES["shapes_hard_train"].spec == SHAPES_PRESETS["hard"] == ShapesSpec()
     assert BUILTIN_SHAPES["shapes_hard_train"].num_images == 1000
     assert BUILTIN_SHAPES["shapes_hard_val"].num_images == 200
