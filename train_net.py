@@ -11,18 +11,22 @@ through Detectron2's ``launch`` (DDP).
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator
 
 from iou_aware_retinanet.d2 import register_config_datasets
 from iou_aware_retinanet.d2.checkpoint import name_last_good_checkpoint, resume_from_newest_readable, use_finite_checkpointer
-from iou_aware_retinanet.d2.datasets import FileNamingDatasetMapper, check_num_classes, check_test_images
-from iou_aware_retinanet.d2.entry import check_eval_weights, check_weights_file, setup_project_cfg
+from iou_aware_retinanet.d2.datasets import (
+    CheckedCOCOEvaluator, FileNamingDatasetMapper, check_num_classes, check_test_images, check_train_images,
+)
+from iou_aware_retinanet.d2.entry import CheckedCheckpointer, check_eval_weights, check_weights_file, setup_project_cfg
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle  # read by build_hooks, which DefaultTrainer.__init__ calls
+        super().__init__(cfg)
+
     # Data loaders whose errors name the image file (a truncated image, say).
     @classmethod
     def build_train_loader(cls, cfg):
@@ -32,8 +36,14 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(cfg, dataset_name, mapper=FileNamingDatasetMapper(cfg, False))
 
-    # Checkpoints only from weights that are finite and still give a finite loss.
     def build_hooks(self):
+        # Checkpoints read without unpickling code, and refused when they do not fit the model
+        # (DefaultTrainer.__init__ made the checkpointer just before calling this).
+        default = self.checkpointer
+        self.checkpointer = CheckedCheckpointer(
+            default.model, default.save_dir, allow_pickle=self.allow_pickle, **default.checkpointables
+        )
+        # Checkpoints only from weights that are finite and still give a finite loss.
         return use_finite_checkpointer(super().build_hooks())
 
     def resume_or_load(self, resume=True):  # a truncated last checkpoint falls back to an older one
@@ -49,7 +59,8 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        # Against the same repaired ground truth as the torchvision front-end (boxes clipped, area filled).
+        return CheckedCOCOEvaluator(dataset_name, output_dir=output_folder)
 
 
 def setup(args):
@@ -69,7 +80,8 @@ def setup(args):
             "image from its file"
         )
     if not args.eval_only:
-        check_test_images(cfg)  # a corrupt test image fails now, not after training
+        check_train_images(cfg)  # images Detectron2's reader would saturate fail now
+        check_test_images(cfg)  # a corrupt or wrongly sized test image fails now, not after training
     return cfg
 
 
@@ -77,11 +89,12 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # Every weight must come from the file: no evaluation of a partly random model.
+        CheckedCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, require_all=True, allow_pickle=getattr(args, "allow_pickle", False)
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, allow_pickle=getattr(args, "allow_pickle", False))
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

@@ -1,8 +1,9 @@
 """Run a trained IoU-aware RetinaNet (Detectron2) on images and draw the detections.
 
-Configs are read with a safe YAML loader, ``.pkl`` weights need
-``--allow-pickle``, and an output that would overwrite an input image is
-refused before anything is written.
+Configs are read with a safe YAML loader, ``.pth`` weights with
+``torch.load(weights_only=True)`` and refused unless every weight of the
+model is in them, ``.pkl`` weights need ``--allow-pickle``, and an output that
+would overwrite an input image is refused before anything is written.
 
     python -m iou_aware_retinanet.d2.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
         --input img1.png img2.png --output out_dir/ --opts MODEL.WEIGHTS output/model_final.pth
@@ -20,7 +21,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
 from ..visualize import draw_detections
-from .entry import check_eval_weights, check_weights_file, setup_project_cfg
+from .entry import CheckedCheckpointer, check_eval_weights, check_weights_file, setup_project_cfg
 
 logger = logging.getLogger("iou_aware_retinanet.d2.demo")
 
@@ -30,6 +31,18 @@ def setup_cfg(args):
     check_weights_file(cfg.MODEL.WEIGHTS, allow_pickle=args.allow_pickle)
     check_eval_weights(cfg)  # no drawing from a randomly initialised model
     return cfg
+
+
+def build_predictor(cfg, allow_pickle: bool = False) -> DefaultPredictor:
+    """Detectron2's ``DefaultPredictor``, its weights loaded by :class:`CheckedCheckpointer`
+    (no code from the file; every weight of the model from it) instead of its own checkpointer."""
+    weights = cfg.MODEL.WEIGHTS
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""  # DefaultPredictor's own loading: skipped
+    predictor = DefaultPredictor(cfg)
+    CheckedCheckpointer(predictor.model, require_all=True, allow_pickle=allow_pickle).load(weights, checkpointables=[])
+    return predictor
 
 
 def get_parser():
@@ -58,7 +71,7 @@ def main(argv=None):
         raise FileExistsError(f"--output would overwrite the input image {clashes[0]}: choose another --output")
     if not single_file:
         os.makedirs(args.output, exist_ok=True)
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg, args.allow_pickle)
     class_names = None
     if cfg.DATASETS.TEST:
         class_names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..data import builtin
 from .distributed import get_rank, get_world_size
-from ..data.config_datasets import coco_instances_from_cfg
+from ..data.config_datasets import check_num_classes, coco_instances_from_cfg
 from ..data.coco import (
     CocoDetectionData,
     CocoDetectionDataset,
@@ -107,17 +107,9 @@ def load_dataset(cfg, name: str, key: str = "DATASETS.TEST", drop_empty: bool = 
     """Read dataset ``name`` (see :func:`resolve_dataset`) and check it against the config's classes."""
     json_file, image_root = resolve_dataset(cfg, name, key)
     data = load_coco_detection(json_file, image_root, drop_images_without_boxes=drop_empty)
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    if data.num_classes > num_classes:
-        raise ValueError(
-            f"dataset {name!r} ({json_file}) has {data.num_classes} categories but "
-            f"MODEL.RETINANET.NUM_CLASSES is {num_classes}"
-        )
-    if data.num_classes < num_classes:
-        logger.warning(
-            "dataset %r has %d categories, MODEL.RETINANET.NUM_CLASSES is %d: the extra classes never get a positive",
-            name, data.num_classes, num_classes,
-        )
+    check_num_classes(
+        cfg.MODEL.RETINANET.NUM_CLASSES, data.num_classes, f"dataset {name!r}", key == "DATASETS.TEST", json_file
+    )
     return data
 
 

@@ -25,6 +25,7 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 from ..atomic import atomic_write
+from ..data.config_datasets import check_num_classes as _check_num_classes
 from .data import build_test_loader, load_dataset
 from .distributed import gather, get_rank, get_world_size
 
@@ -198,15 +199,9 @@ def safe_folder_name(dataset_name: str) -> str:
     return dataset_name
 
 
-def check_num_classes(cfg, dataset_name: str, category_ids: Sequence[int]) -> None:
+def check_num_classes(cfg, dataset_name: str, category_ids: Sequence) -> None:
     """A model with more classes than the dataset has categories cannot be evaluated on it."""
-    num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
-    if num_classes > len(category_ids):
-        raise ValueError(
-            f"MODEL.RETINANET.NUM_CLASSES={num_classes} but dataset {dataset_name!r} has {len(category_ids)} "
-            f"categories: detections of classes {len(category_ids)}..{num_classes - 1} would have no category. "
-            "Set MODEL.RETINANET.NUM_CLASSES to the number of categories."
-        )
+    _check_num_classes(cfg.MODEL.RETINANET.NUM_CLASSES, len(category_ids), f"dataset {dataset_name!r}", is_test=True)
 
 
 def evaluate(
