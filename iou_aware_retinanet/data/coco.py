@@ -15,11 +15,18 @@ json file missing                                   FileNotFoundError
 not valid JSON / not a COCO object                  ValueError
 no images, or no categories                         ValueError
 duplicate image / annotation / category ids         ValueError
+an id that is not an integer or a string, or ids    ValueError naming the entry
+of both kinds in one list
+two image ids with the same ``file_name``           ValueError naming both ids
 image entry without a positive height / width       ValueError
 image files missing under ``image_root``            FileNotFoundError (count + first names)
 annotation without id / image_id / category_id /    ValueError naming the annotation
 bbox, or with a bbox that is not 4 numbers
 annotation of an unknown category or image          ValueError naming annotation and id
+``iscrowd`` not 0 / 1, ``area`` not a number        ValueError naming the annotation
+annotation without ``iscrowd`` / ``area``           filled: ``iscrowd`` 0, ``area`` the (clipped)
+                                                    box's, as Detectron2 does for its own
+                                                    datasets (info, count)
 box partly outside its image                        clipped to the image (warning, count)
 non-finite box, or empty after clipping             skipped (warning, count)
 ``iscrowd: 1`` annotation                           skipped, as Detectron2's RetinaNet
@@ -29,7 +36,15 @@ image without (usable) annotations                  kept as a negative image; dr
 ==================================================  =========================================
 
 A missing ``annotations`` list is read as "no annotations" (COCO's
-``image_info`` test files have none). Contiguous class indices follow the
+``image_info`` test files have none).
+
+Evaluation uses the same boxes as training: ``CocoDetectionData.coco`` (the
+ground truth for COCOeval, on both front-ends) holds the repaired annotations,
+clipped to their image, without the skipped ones, with ``iscrowd`` / ``area``
+filled; crowd annotations stay in it as COCOeval's ignore regions. A detector
+cannot predict a box outside the image, so judging it against the unclipped
+box would only lower AP. Image and category ids keep their type (integers, or
+strings as some exporters write them) in the records and in the results. Contiguous class indices follow the
 category ids in increasing order, as Detectron2 does, so both front-ends
 number the classes the same way.
 """
@@ -40,7 +55,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -60,7 +75,7 @@ class CocoRecord:
     file_name: str  # absolute or relative to the working directory: image_root joined in
     height: int
     width: int
-    image_id: int  # the COCO image id, for evaluation
+    image_id: Union[int, str]  # the COCO image id, for evaluation (its type as in the file)
     boxes: np.ndarray  # (N, 4) float32, XYXY absolute pixels
     classes: np.ndarray  # (N,) int64 contiguous class indices 0..K-1
 
@@ -73,11 +88,11 @@ class CocoDetectionData:
     image_root: str
     records: List[CocoRecord]
     class_names: List[str]  # contiguous index -> category name
-    category_ids: List[int]  # contiguous index -> COCO category id
+    category_ids: List[Union[int, str]]  # contiguous index -> COCO category id (its type as in the file)
     coco: COCO = field(repr=False)  # the parsed file, e.g. as COCOeval's ground truth
 
     @property
-    def category_id_to_contiguous(self) -> Dict[int, int]:
+    def category_id_to_contiguous(self) -> Dict[Union[int, str], int]:
         return {cat_id: i for i, cat_id in enumerate(self.category_ids)}
 
     @property
@@ -105,13 +120,25 @@ def _read_json(json_file: str) -> dict:
 
 
 def _require_unique_ids(items: Sequence[dict], kind: str, json_file: str) -> None:
-    seen = set()
+    """Ids present, unique, and all integers or all strings (results carry them back as they are)."""
+    seen, first = set(), None
     for position, item in enumerate(items):
         if not isinstance(item, dict) or "id" not in item:
             raise ValueError(f"{json_file}: {kind} entry #{position} has no 'id'")
-        if item["id"] in seen:
-            raise ValueError(f"{json_file}: duplicate {kind} id {item['id']}")
-        seen.add(item["id"])
+        value = item["id"]
+        if not isinstance(value, (int, str)) or isinstance(value, bool):
+            raise ValueError(
+                f"{json_file}: {kind} entry #{position} has 'id' {value!r}: ids are integers (or strings)"
+            )
+        if first is None:
+            first = value
+        elif isinstance(value, str) != isinstance(first, str):
+            raise ValueError(
+                f"{json_file}: the {kind} ids mix integers and strings ({first!r} and {value!r}): use one kind"
+            )
+        if value in seen:
+            raise ValueError(f"{json_file}: duplicate {kind} id {value!r}")
+        seen.add(value)
 
 
 def _check_structure(dataset: dict, json_file: str) -> None:
@@ -135,6 +162,15 @@ def _check_structure(dataset: dict, json_file: str) -> None:
             raise ValueError(
                 f"{json_file}: image {image['id']} has invalid size {image['height']} x {image['width']}"
             )
+    by_file = {}
+    for image in dataset["images"]:
+        name = os.path.normpath(str(image["file_name"]))
+        if name in by_file:
+            raise ValueError(
+                f"{json_file}: images {by_file[name]!r} and {image['id']!r} have the same file_name "
+                f"{image['file_name']!r}: one image would count twice (merge their annotations into one image)"
+            )
+        by_file[name] = image["id"]
 
     image_ids = {image["id"] for image in dataset["images"]}
     category_ids = {cat["id"] for cat in dataset["categories"]}
@@ -147,13 +183,17 @@ def _check_structure(dataset: dict, json_file: str) -> None:
             raise ValueError(f"{json_file}: annotation {ann['id']} has bbox {bbox!r}, expected [x, y, w, h]")
         if ann["category_id"] not in category_ids:
             raise ValueError(
-                f"{json_file}: annotation {ann['id']} has category_id {ann['category_id']}, "
+                f"{json_file}: annotation {ann['id']} has category_id {ann['category_id']!r}, "
                 f"which is not among the categories {sorted(category_ids)}"
             )
         if ann["image_id"] not in image_ids:
             raise ValueError(
-                f"{json_file}: annotation {ann['id']} has image_id {ann['image_id']}, which is not among the images"
+                f"{json_file}: annotation {ann['id']} has image_id {ann['image_id']!r}, which is not among the images"
             )
+        if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+            raise ValueError(f"{json_file}: annotation {ann['id']} has iscrowd {ann['iscrowd']!r}, expected 0 or 1")
+        if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"]) and ann["area"] >= 0):
+            raise ValueError(f"{json_file}: annotation {ann['id']} has area {ann['area']!r}, expected a number >= 0")
 
 
 def _is_number(value) -> bool:
@@ -195,17 +235,18 @@ class _BoxCounts:
     clipped: int = 0
     invalid: int = 0
     crowd: int = 0
+    filled_iscrowd: int = 0
+    filled_area: int = 0
 
 
-def _image_boxes(
-    annotations: Sequence[dict], width: int, height: int, cat_to_index: Dict[int, int], counts: _BoxCounts
-) -> Tuple[np.ndarray, np.ndarray]:
-    """XYXY boxes clipped to the image and their contiguous classes; skips crowd and invalid boxes."""
-    boxes, classes = [], []
-    for ann in annotations:
-        if ann.get("iscrowd", 0):
-            counts.crowd += 1
-            continue
+def _repair_annotations(dataset: dict, counts: _BoxCounts) -> Dict[object, List[float]]:
+    """The annotations as training and evaluation use them, in place in ``dataset``: boxes
+    clipped to their image, non-finite or empty ones removed, ``iscrowd`` / ``area`` filled.
+    Returns each kept annotation's clipped XYXY box, by annotation id."""
+    sizes = {image["id"]: (int(image["width"]), int(image["height"])) for image in dataset["images"]}
+    kept, xyxy = [], {}
+    for ann in dataset["annotations"]:
+        width, height = sizes[ann["image_id"]]
         x, y, w, h = (float(v) for v in ann["bbox"])
         box = [x, y, x + w, y + h]
         if not all(math.isfinite(v) for v in box):
@@ -218,7 +259,30 @@ def _image_boxes(
             continue
         if clipped != box:
             counts.clipped += 1
-        boxes.append(clipped)
+            ann["bbox"] = [clipped[0], clipped[1], clipped[2] - clipped[0], clipped[3] - clipped[1]]
+        if "iscrowd" not in ann:
+            ann["iscrowd"] = 0
+            counts.filled_iscrowd += 1
+        if "area" not in ann:
+            ann["area"] = (clipped[2] - clipped[0]) * (clipped[3] - clipped[1])
+            counts.filled_area += 1
+        counts.crowd += int(bool(ann["iscrowd"]))
+        xyxy[ann["id"]] = clipped
+        kept.append(ann)
+    dataset["annotations"] = kept
+    return xyxy
+
+
+def _image_boxes(
+    annotations: Sequence[dict], xyxy: Dict[object, List[float]], cat_to_index: Dict[object, int]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The training boxes (XYXY, clipped) of one image's repaired annotations and their
+    contiguous classes; crowd annotations are left out."""
+    boxes, classes = [], []
+    for ann in annotations:
+        if ann["iscrowd"]:
+            continue
+        boxes.append(xyxy[ann["id"]])
         classes.append(cat_to_index[ann["category_id"]])
     return (
         np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
@@ -236,7 +300,12 @@ def _log_counts(json_file: str, counts: _BoxCounts, num_empty: int, dropped: boo
             counts.invalid,
         )
     if counts.crowd:
-        logger.info("%s: skipped %d crowd annotations (iscrowd=1)", json_file, counts.crowd)
+        logger.info("%s: skipped %d crowd annotations (iscrowd=1) for training", json_file, counts.crowd)
+    if counts.filled_iscrowd or counts.filled_area:
+        logger.info(
+            "%s: filled 'iscrowd' (0) in %d and 'area' (the box's) in %d annotations that had none",
+            json_file, counts.filled_iscrowd, counts.filled_area,
+        )
     if num_empty:
         action = "dropped" if dropped else "kept as negatives"
         logger.info("%s: %d images without boxes, %s", json_file, num_empty, action)
@@ -259,6 +328,8 @@ def load_coco_detection(
     image_root = os.fspath(image_root)
     dataset = _read_json(json_file)
     _check_structure(dataset, json_file)
+    counts = _BoxCounts()
+    xyxy = _repair_annotations(dataset, counts)
     coco = _index(dataset)
     _check_image_files(coco, image_root, json_file)
 
@@ -266,12 +337,11 @@ def load_coco_detection(
     class_names = [coco.cats[cat_id]["name"] for cat_id in category_ids]
     cat_to_index = {cat_id: i for i, cat_id in enumerate(category_ids)}
 
-    counts = _BoxCounts()
     records, num_empty = [], 0
     for image_id in sorted(coco.imgs.keys()):
         image = coco.imgs[image_id]
         width, height = int(image["width"]), int(image["height"])
-        boxes, classes = _image_boxes(coco.imgToAnns[image_id], width, height, cat_to_index, counts)
+        boxes, classes = _image_boxes(coco.imgToAnns[image_id], xyxy, cat_to_index)
         if len(boxes) == 0:
             num_empty += 1
             if drop_images_without_boxes:
@@ -310,16 +380,35 @@ Transform = Callable[[torch.Tensor, Target], Tuple[torch.Tensor, Target]]
 
 
 def _check_image_size(rgb: np.ndarray, record: CocoRecord) -> None:
-    if rgb.shape[:2] != (record.height, record.width):
+    _check_size(rgb, record.file_name, record.height, record.width)
+
+
+def _check_size(rgb: np.ndarray, file_name: str, height: int, width: int) -> None:
+    if rgb.shape[:2] != (height, width):
         raise ValueError(
-            f"image file {record.file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
-            f"annotations say {record.height} x {record.width}"
+            f"image file {file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
+            f"annotations say {height} x {width}"
             + (
                 " (the sizes are swapped: the file probably has an EXIF orientation, which the reader "
                 "applies; annotate the rotated image, or strip the EXIF orientation)"
-                if rgb.shape[:2] == (record.width, record.height) else ""
+                if rgb.shape[:2] == (width, height) else ""
             )
         )
+
+
+def check_images_decode(images: Iterable[Tuple[str, int, int]], what: str) -> int:
+    """Decode every ``(file_name, height, width)`` once and compare its size with the annotated
+    one; returns how many. Both front-ends run it on ``DATASETS.TEST`` before training, so a
+    corrupt or wrongly sized test image fails now, naming ``what`` and the file, not in the
+    evaluation after the run."""
+    count = 0
+    for file_name, height, width in images:
+        try:
+            _check_size(read_image_rgb(file_name), file_name, int(height), int(width))
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{what}: {e} (checked before training)") from None
+        count += 1
+    return count
 
 
 def decoded_size_bytes(records: Sequence[CocoRecord]) -> int:
