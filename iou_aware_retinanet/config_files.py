@@ -53,7 +53,7 @@ def _read_yaml(path: str, included_by: str = ""):
         raise ValueError(f"{path}{source} is empty: a config file is a mapping of keys (e.g. SOLVER: ...)")
     if not isinstance(content, dict):
         raise ValueError(
-            f"{path}{source} holds a {type(content).__name__}, not a mapping of config keys (e.g. SOLVER: ...)"
+            f"{path}{source} holds {type(content).__name__} data, not a mapping of config keys (e.g. SOLVER: ...)"
         )
     return content
 

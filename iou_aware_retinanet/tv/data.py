@@ -123,7 +123,9 @@ def dataset_categories(cfg, name: str) -> Optional[List[Tuple[int, str]]]:
         json_file, _ = resolve_dataset(cfg, name)
         with open(json_file, "r", encoding="utf-8") as f:
             categories = json.load(f)["categories"]
-        return [(int(c["id"]), str(c["name"])) for c in sorted(categories, key=lambda c: c["id"])]
+        # Ids keep their type (strings stay strings, as in the ground truth); sorted as the reader sorts them.
+        return [(c["id"] if isinstance(c["id"], str) else int(c["id"]), str(c["name"]))
+                for c in sorted(categories, key=lambda c: c["id"])]  # fmt: skip
     except (OSError, KeyError, TypeError, ValueError) as e:
         logger.warning("categories of dataset %r unavailable (%s); using class indices", name, e)
         return None

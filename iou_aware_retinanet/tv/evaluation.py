@@ -61,7 +61,7 @@ def atomic_write_json(path: str, obj) -> None:
         json.dump(obj, f)
 
 
-def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_ids: Sequence[int]) -> List[dict]:
+def detections_to_coco(output: Dict[str, torch.Tensor], image_id, category_ids: Sequence) -> List[dict]:
     """One image's model output (XYXY boxes, contiguous labels) as COCO result dicts."""
     boxes = output["boxes"].detach().cpu().to(torch.float64)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
@@ -72,8 +72,8 @@ def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_
     results = []
     for k in range(len(scores)):
         result = {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[labels[k]]),
+            "image_id": _coco_id(image_id),
+            "category_id": _coco_id(category_ids[labels[k]]),
             "bbox": [round(v, 4) for v in xywh[k]],
             "score": float(scores[k]),
         }
@@ -83,6 +83,12 @@ def detections_to_coco(output: Dict[str, torch.Tensor], image_id: int, category_
             result["pred_iou"] = float(ious[k])
         results.append(result)
     return results
+
+
+def _coco_id(value):
+    """An image or category id as the json has it: a string stays a string (some exporters write
+    ``"7"``; turned into 7 it would match nothing in the ground truth), a number becomes an int."""
+    return value if isinstance(value, str) else int(value)
 
 
 @torch.no_grad()
