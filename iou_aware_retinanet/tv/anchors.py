@@ -88,7 +88,9 @@ class AnchorGenerator(_TVAnchorGenerator):
         """One (sum_l H_l * W_l * A, 4) tensor per image (the same tensor for every image)."""
         if len(feature_maps) != len(self.strides):
             raise ValueError(f"got {len(feature_maps)} feature maps for {len(self.strides)} anchor levels")
-        self.set_cell_anchors(feature_maps[0].dtype, feature_maps[0].device)
+        # float32 at least, as Detectron2's anchors: under autocast the features are float16 /
+        # bfloat16, which cannot hold coordinates of a large image to the pixel.
+        self.set_cell_anchors(torch.promote_types(feature_maps[0].dtype, torch.float32), feature_maps[0].device)
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
         anchors = torch.cat(self.grid_anchors_per_level(grid_sizes))
         return [anchors for _ in image_list.image_sizes]
