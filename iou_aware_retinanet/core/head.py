@@ -1,5 +1,5 @@
 """The IoU prediction branch added to RetinaNet's box tower."""
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +33,33 @@ def box_and_iou_outputs(
     two convs, so training (and the gradient into the tower) is exactly that
     of two separate layers.
     """
+    return box_and_iou_conv_outputs(list(features), box_conv.weight, box_conv.bias, iou_conv.weight, iou_conv.bias)
+
+
+def box_and_iou_conv_outputs(
+    features: List[Tensor],
+    box_weight: Tensor,
+    box_bias: Optional[Tensor],
+    iou_weight: Tensor,
+    iou_bias: Optional[Tensor],
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """:func:`box_and_iou_outputs` on the two convs' parameters, the form TorchScript
+    compiles (it passes no module to a function). Stride 1, "same" padding: the
+    head's output convs."""
+    padding = box_weight.shape[-1] // 2
     if torch.is_grad_enabled():
-        return [box_conv(f) for f in features], [iou_conv(f) for f in features]
-    weight = torch.cat([box_conv.weight, iou_conv.weight])
-    bias = torch.cat([box_conv.bias, iou_conv.bias])
-    boxes, ious = [], []
+        return (
+            [F.conv2d(f, box_weight, box_bias, 1, padding) for f in features],
+            [F.conv2d(f, iou_weight, iou_bias, 1, padding) for f in features],
+        )
+    weight = torch.cat([box_weight, iou_weight])
+    assert box_bias is not None and iou_bias is not None, "the head's output convs have biases"
+    bias = torch.cat([box_bias, iou_bias])
+    boxes: List[Tensor] = []
+    ious: List[Tensor] = []
     for feature in features:
-        box, iou = F.conv2d(feature, weight, bias, box_conv.stride, box_conv.padding).split(
-            [box_conv.out_channels, iou_conv.out_channels], dim=1
+        box, iou = F.conv2d(feature, weight, bias, 1, padding).split(
+            [box_weight.shape[0], iou_weight.shape[0]], dim=1
         )
         boxes.append(box)
         ious.append(iou)

@@ -28,12 +28,12 @@ from ..core import (
     InferenceConfig,
     LossConfig,
     assign_batch,
-    box_and_iou_outputs,
     build_iou_predictor,
-    postprocess_batch,
     postprocess_image,
     training_losses,
 )
+from ..core.head import box_and_iou_conv_outputs
+from ..core.inference import detect_image, image_predictions
 from ..core.losses import IOU_TARGET_ENTROPY
 
 __all__ = ["IoUAwareRetinaNet", "IoUAwareRetinaNetHead"]
@@ -59,13 +59,15 @@ class IoUAwareRetinaNetHead(RetinaNetHead):
         return ret
 
     def forward(self, features: List[Tensor]):
-        """Per-level (N, A*K, H, W) logits, (N, A*4, H, W) deltas and, with the
-        IoU branch, (N, A, H, W) IoU logits."""
+        """Per-level (N, A*K, H, W) logits and (N, A*4, H, W) deltas, as
+        ``RetinaNetHead``; with the IoU branch a third output, per-level (N, A, H, W)
+        IoU logits (as FCOS's head adds its centerness)."""
         logits = [self.cls_score(self.cls_subnet(feature)) for feature in features]
         bbox_features = [self.bbox_subnet(feature) for feature in features]
         if self.iou_pred is None:
             return logits, [self.bbox_pred(f) for f in bbox_features]
-        bbox_reg, iou_logits = box_and_iou_outputs(bbox_features, self.bbox_pred, self.iou_pred)
+        box, iou = self.bbox_pred, self.iou_pred
+        bbox_reg, iou_logits = box_and_iou_conv_outputs(bbox_features, box.weight, box.bias, iou.weight, iou.bias)
         return logits, bbox_reg, iou_logits
 
 
@@ -100,6 +102,22 @@ class IoUAwareRetinaNet(RetinaNet):
         self.inference_config = inference_config
         self.num_anchors_per_location = num_anchors_per_location
 
+    # TorchScript reads plain attributes, not a dataclass: the setter keeps the
+    # inference options in a tuple beside the config (see ``forward_inference``).
+    __jit_unused_properties__ = ["inference_config", "iou_aware"]
+
+    @property
+    def inference_config(self) -> InferenceConfig:
+        return self._inference_config
+
+    @inference_config.setter
+    def inference_config(self, config: InferenceConfig) -> None:
+        self._inference_config = config
+        self._inference_options = (
+            config.alpha, config.score_thresh, config.threshold_on, config.topk_candidates,
+            config.nms_thresh, config.max_detections, config.clip_to_image,
+        )  # fmt: skip
+
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
@@ -117,13 +135,16 @@ class IoUAwareRetinaNet(RetinaNet):
     def iou_aware(self) -> bool:
         return self.head.iou_pred is not None
 
-    def _split_predictions(self, predictions):
-        """(N, Hi*Wi*A, K), (N, ..., 4) and, with the IoU branch, (N, ..., 1) per level."""
-        dims = [self.num_classes, 4] + ([1] if self.iou_aware else [])
-        transposed = self._transpose_dense_predictions(predictions, dims)
-        if not self.iou_aware:
-            transposed.append(None)
-        return transposed
+    def _split_predictions(
+        self, predictions: List[List[Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+        """Per level (N, Hi*Wi*A, K) logits, (N, ..., 4) deltas and, with the IoU
+        branch (the head's third output), (N, ..., 1) IoU logits."""
+        if len(predictions) == 3:
+            split = self._transpose_dense_predictions(predictions, [self.num_classes, 4, 1])
+            return split[0], split[1], split[2]
+        split = self._transpose_dense_predictions(predictions, [self.num_classes, 4])
+        return split[0], split[1], None
 
     # ------------------------------------------------------------------ training
     def forward_training(self, images, features, predictions, gt_instances):
@@ -178,14 +199,28 @@ class IoUAwareRetinaNet(RetinaNet):
         return losses
 
     # ----------------------------------------------------------------- inference
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
+    def forward_inference(self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]):
+        """Detections per image (core post-processing), in the form TorchScript and
+        tracing take as well as eager mode."""
         pred_logits, pred_deltas, pred_ious = self._split_predictions(predictions)
+        iou_logits = None if pred_ious is None else [x[..., 0] for x in pred_ious]
         anchors = [a.tensor for a in self.anchor_generator(features)]
-        detections = postprocess_batch(
-            pred_logits, pred_deltas, None if pred_ious is None else [x[..., 0] for x in pred_ious],
-            [anchors] * len(images.image_sizes), self.box2box_transform, images.image_sizes, self.inference_config,
-        )  # fmt: skip
-        return [_to_instances(det, size) for det, size in zip(detections, images.image_sizes)]
+        alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip = self._inference_options
+        results: List[Instances] = []
+        for i, image_size in enumerate(images.image_sizes):
+            probs, deltas, ious = image_predictions(pred_logits, pred_deltas, iou_logits, i)
+            boxes, scores, classes, cls_scores, det_ious = detect_image(
+                probs, deltas, ious, anchors, self.box2box_transform, image_size,
+                alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip,
+            )  # fmt: skip
+            result = Instances(image_size, pred_boxes=Boxes(boxes), scores=scores, pred_classes=classes)
+            # Tested on the attribute, which TorchScript resolves when it compiles: the
+            # scripted Instances of a model without the branch has no such fields.
+            if self.head.iou_pred is not None and det_ious is not None:
+                result.cls_scores = cls_scores
+                result.pred_ious = det_ious
+            results.append(result)
+        return results
 
     def inference_single_image(
         self,
@@ -197,8 +232,20 @@ class IoUAwareRetinaNet(RetinaNet):
     ):
         """Like ``RetinaNet.inference_single_image``, ranking by the fused score.
 
-        ``box_iou``: per level (Hi*Wi*A,) IoU predictions in [0, 1], or None.
+        ``box_iou``: per level (Hi*Wi*A,) IoU predictions in [0, 1]; required with
+        the IoU branch (without it the ranking would silently fall back to p).
         """
+        if box_iou is None and self.iou_aware:
+            raise ValueError(
+                "inference_single_image: this model has the IoU branch (MODEL.IOU_AWARE.ENABLED True), so it "
+                "ranks by the fused score and needs box_iou, the per-level (Hi*Wi*A,) IoU predictions "
+                "(sigmoid of the head's third output); pass box_iou, or use model.inference / model(...)"
+            )
+        if box_iou is not None and not self.iou_aware:
+            raise ValueError(
+                "inference_single_image: box_iou given, but this model has no IoU branch "
+                "(MODEL.IOU_AWARE.ENABLED False): it ranks by p"
+            )
         det = postprocess_image(
             box_cls, box_delta, box_iou, [a.tensor for a in anchors],
             self.box2box_transform, image_size, self.inference_config,
