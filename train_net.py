@@ -13,6 +13,7 @@ import os
 
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 from iou_aware_retinanet.d2 import register_config_datasets
 from iou_aware_retinanet.d2.checkpoint import name_last_good_checkpoint, resume_from_newest_readable, use_finite_checkpointer
@@ -20,6 +21,12 @@ from iou_aware_retinanet.d2.datasets import (
     CheckedCOCOEvaluator, FileNamingDatasetMapper, check_num_classes, check_test_images, check_train_images,
 )
 from iou_aware_retinanet.d2.entry import CheckedCheckpointer, check_eval_weights, check_weights_file, setup_project_cfg
+from iou_aware_retinanet.run_folder import (
+    RunLock, check_config_replaceable, check_resume_config, refuse_to_overwrite_a_run, remove_orphaned_temporaries,
+)
+
+# The OUTPUT_DIR locks this process holds (one per folder), released when main returns.
+_RUN_LOCKS = {}
 
 
 class Trainer(DefaultTrainer):
@@ -69,7 +76,10 @@ def setup(args):
     check_weights_file(cfg.MODEL.WEIGHTS, allow_pickle=getattr(args, "allow_pickle", False))
     if args.eval_only:
         check_eval_weights(cfg, resume=args.resume)
-    default_setup(cfg, args)
+    claim_output_dir(cfg, args)  # before default_setup writes config.yaml and log.txt there
+    # --eval-only logs and saves its config in OUTPUT_DIR/inference, beside its results:
+    # the run's own config.yaml in OUTPUT_DIR stays the one it was trained with.
+    default_setup(_with_output_dir(cfg, os.path.join(cfg.OUTPUT_DIR, "inference")) if args.eval_only else cfg, args)
     # DATASETS.COCO_INSTANCES, and the built-in datasets generated before
     # COCOEvaluator looks for their json file.
     register_config_datasets(cfg)
@@ -85,7 +95,48 @@ def setup(args):
     return cfg
 
 
+def _with_output_dir(cfg, output_dir: str):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = output_dir
+    cfg.freeze()
+    return cfg
+
+
+def claim_output_dir(cfg, args) -> None:
+    """OUTPUT_DIR's rules (as the torchvision engine's): a training run holds the folder's lock; a
+    new run never goes into a folder holding a run; ``--resume`` continues only under the run's
+    config; a ``config.yaml`` that is not a config this project saved is never replaced;
+    temporary files a kill left behind are removed. Checked before anything is written."""
+    dump = cfg.dump()
+    if args.eval_only:
+        check_config_replaceable(os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"), dump)
+        return
+    folder = os.path.realpath(cfg.OUTPUT_DIR)
+    if comm.is_main_process() and folder not in _RUN_LOCKS:
+        _RUN_LOCKS[folder] = RunLock(cfg.OUTPUT_DIR)  # a second run into this folder fails here
+    saved = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) and os.path.isfile(saved):
+        check_resume_config(saved, dump)
+    else:
+        if not args.resume:
+            refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
+        check_config_replaceable(saved, dump)
+    if comm.is_main_process():
+        for name in remove_orphaned_temporaries(cfg.OUTPUT_DIR):
+            logging.getLogger("detectron2").warning("Removed %s, left by an interrupted write", name)
+
+
 def main(args):
+    try:
+        return _main(args)
+    finally:
+        for lock in _RUN_LOCKS.values():
+            lock.release()
+        _RUN_LOCKS.clear()
+
+
+def _main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

@@ -105,8 +105,9 @@ def test_config_datasets_are_registered(tmp_path, datasets_root):
 # ------------------------------------------------------------------ checkpoints from finite weights only
 
 
-def _trainer(train_net, tmp_path, *extra):
-    args = default_argument_parser().parse_args(_opts(tmp_path) + ["DATASETS.TEST", "()", *extra])
+def _trainer(train_net, tmp_path, *extra, resume=False):
+    flags = ["--resume"] if resume else []
+    args = default_argument_parser().parse_args(_opts(tmp_path, *flags) + ["DATASETS.TEST", "()", *extra])
     return train_net["Trainer"](train_net["setup"](args))
 
 
@@ -186,7 +187,7 @@ def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, datas
     out = tmp_path / "out"
     final = out / "model_final.pth"
     final.write_bytes(final.read_bytes()[:1000])  # a copy cut short
-    resumed = _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "1")
+    resumed = _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "1", resume=True)
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 2  # model_0000001 holds iteration 1: the newest file that loads
     assert str(final) in caplog.text and "older checkpoint" in caplog.text
@@ -194,5 +195,5 @@ def test_truncated_last_checkpoint_resumes_from_the_previous_one(tmp_path, datas
     for f in out.glob("model_0*.pth"):
         f.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="no readable checkpoint") as info:
-        _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4").resume_or_load(resume=True)
+        _trainer(train_net, tmp_path, "SOLVER.MAX_ITER", "4", resume=True).resume_or_load(resume=True)
     assert str(out / "model_0000000.pth") in str(info.value)
