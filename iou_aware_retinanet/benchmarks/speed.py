@@ -292,6 +292,11 @@ def _output_convs(model: nn.Module, frontend: str) -> Dict[str, nn.Conv2d]:
     return {"cls": head.cls_score, "box": head.bbox_pred, "iou": head.iou_pred}
 
 
+def _box_tower(model: nn.Module, frontend: str) -> nn.Module:
+    """The module whose output, per level, the box and IoU convs take."""
+    return model.head.regression_head.conv if frontend == "tv" else model.head.bbox_subnet
+
+
 @torch.no_grad()
 def calibrate_head(model: nn.Module, frontend: str, inputs: tuple, score_thresh: float) -> None:
     """Rescale the head's output convs (in place) so that the outputs on ``inputs``
@@ -305,20 +310,23 @@ def calibrate_head(model: nn.Module, frontend: str, inputs: tuple, score_thresh:
     """
     convs = _output_convs(model, frontend)
     outputs: Dict[str, List[Tensor]] = {key: [] for key in convs}
+    tower_outputs: List[Tensor] = []
 
     def collect(store):
         return lambda module, args, output: store.append(output)
 
-    handles = [conv.register_forward_hook(collect(outputs[key])) for key, conv in convs.items()]
+    # The box and IoU convs run as functions of their weights (core.box_and_iou_conv_outputs),
+    # which module hooks do not see: take the box tower's output and apply them here.
+    handles = [convs["cls"].register_forward_hook(collect(outputs["cls"])),
+               _box_tower(model, frontend).register_forward_hook(collect(tower_outputs))]
     model.eval()
     try:
-        # With autograd the box and IoU convs run as modules (at inference they are fused,
-        # core.box_and_iou_outputs, which their forward hooks would not see).
-        with torch.enable_grad():
-            model(*inputs)
+        model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
+    for key in ("box", "iou"):
+        outputs[key] = [convs[key](feature) for feature in tower_outputs]
 
     num_images = outputs["cls"][0].shape[0]
     targets = {
