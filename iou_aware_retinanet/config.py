@@ -6,11 +6,32 @@ keys; Detectron2's global defaults are never touched. Works on Detectron2's
 ``CfgNode`` and on fvcore's (the torchvision front-end's config).
 """
 import ast
+import logging
 from dataclasses import replace
 from typing import Dict, List, Sequence, Tuple
 
 from .core import InferenceConfig, LossConfig
 from .core.assigners import assigner_class
+
+logger = logging.getLogger(__name__)
+
+# Keys renamed when the config names were made one system: merging a file or an
+# override that still uses one fails with a KeyError naming the new key (yacs'
+# ``register_renamed_key``), never silently.
+RENAMED_KEYS = {
+    "MODEL.LOSS_NORMALIZER": (
+        "MODEL.RETINANET.LOSS_NORMALIZER",
+        'values: "per_image" (was "torchvision"), "batch_ema" (was "detectron2")',
+    ),
+    "MODEL.ASSIGNER.TOPK.K": ("MODEL.ASSIGNER.TOPK.TOPK", None),
+    "MODEL.ASSIGNER.NOISY_ANCHOR.TOPN": ("MODEL.ASSIGNER.NOISY_ANCHOR.TOPK", None),
+    "MODEL.ASSIGNER.HAMBOX.K": ("MODEL.ASSIGNER.HAMBOX.ANCHORS_PER_GT", None),
+    "MODEL.ASSIGNER.HAMBOX.T": ("MODEL.ASSIGNER.HAMBOX.REGRESSED_IOU_THRESHOLD", None),
+    "MODEL.ASSIGNER.HAMBOX.BASE": (
+        "MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER",
+        '"" is HAMBox\'s single MATCH_THRESHOLD (was BASE "max_iou"); "max_iou" now means the max_iou assigner',
+    ),
+}
 
 
 def add_iou_aware_retinanet_config(cfg) -> None:
@@ -47,13 +68,17 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # benchmarks/trained_inference.py, README "Inference cost").
     cfg.MODEL.IOU_AWARE.THRESHOLD_ON = "cls"
 
-    # How the summed losses are normalized: "" is the front-end's own framework
-    # convention; "torchvision" divides each image's losses by its positives and
-    # averages over images (torchvision's RetinaNet); "detectron2" divides the
-    # batch's sum by a moving average (momentum 0.9, start 100) of the batch's
-    # positives (Detectron2's RetinaNet). The Detectron2 front-end takes "" or
-    # "detectron2" only.
-    cfg.MODEL.LOSS_NORMALIZER = ""
+    # How the summed losses are normalized: "per_image" divides each image's
+    # losses by its positives and averages over images (torchvision's RetinaNet);
+    # "batch_ema" divides the batch's sum by a moving average (momentum 0.9, start
+    # 100) of the batch's positives (Detectron2's RetinaNet); "" is the front-end's
+    # upstream RetinaNet ("per_image" on torchvision, "batch_ema" on Detectron2).
+    # The Detectron2 front-end takes "" or "batch_ema" only.
+    cfg.MODEL.RETINANET.LOSS_NORMALIZER = ""
+    # Classification loss of the soft targets of Noisy-anchor / task-aligned:
+    # "focal" (focal loss on soft targets) or "quality_focal" (GFL / TOOD); "" is
+    # the assigner's own (its reference code's), written to the log.
+    cfg.MODEL.RETINANET.SOFT_TARGET_LOSS = ""
 
     # Label assignment, replacing RetinaNet's Matcher.
     cfg.MODEL.ASSIGNER = CN()
@@ -61,8 +86,9 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # Max-IoU takes its thresholds from MODEL.RETINANET.IOU_THRESHOLDS / IOU_LABELS.
     cfg.MODEL.ASSIGNER.MAX_IOU = CN()
     cfg.MODEL.ASSIGNER.MAX_IOU.ALLOW_LOW_QUALITY_MATCHES = True
+    # Every top-k of an assigner is spelled TOPK.
     cfg.MODEL.ASSIGNER.TOPK = CN()
-    cfg.MODEL.ASSIGNER.TOPK.K = 9
+    cfg.MODEL.ASSIGNER.TOPK.TOPK = 9
     cfg.MODEL.ASSIGNER.TOPK.MIN_IOU = 0.0
     cfg.MODEL.ASSIGNER.ATSS = CN()
     cfg.MODEL.ASSIGNER.ATSS.TOPK = 9
@@ -70,15 +96,19 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     cfg.MODEL.ASSIGNER.ATSS.ENSURE_POSITIVE = False
     # Dynamic assigners: they look at the detached predictions of the current step.
     cfg.MODEL.ASSIGNER.NOISY_ANCHOR = CN()
-    cfg.MODEL.ASSIGNER.NOISY_ANCHOR.TOPN = 30  # the paper's configs (code default: 50)
+    cfg.MODEL.ASSIGNER.NOISY_ANCHOR.TOPK = 30  # the paper's configs (code default: 50)
     cfg.MODEL.ASSIGNER.NOISY_ANCHOR.ALPHA = 0.75
     cfg.MODEL.ASSIGNER.HAMBOX = CN()
-    # Static assignment HAMBox compensates; "max_iou" here means one threshold,
-    # MATCH_THRESHOLD, without low-quality matches (the public reimplementation).
-    cfg.MODEL.ASSIGNER.HAMBOX.BASE = "max_iou"
+    # The static assignment HAMBox compensates: "" is its own, one IoU threshold
+    # (MATCH_THRESHOLD) without low-quality matches (the public reimplementation);
+    # or the name of a static assigner, built from its own keys.
+    cfg.MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER = ""
     cfg.MODEL.ASSIGNER.HAMBOX.MATCH_THRESHOLD = 0.35
-    cfg.MODEL.ASSIGNER.HAMBOX.K = 5
-    cfg.MODEL.ASSIGNER.HAMBOX.T = 0.5
+    # Anchors each GT should end with (the paper's K).
+    cfg.MODEL.ASSIGNER.HAMBOX.ANCHORS_PER_GT = 5
+    # IoU of a regressed box with a GT above which its anchor compensates that GT,
+    # and at or above which an unmatched anchor is ignored (the paper's T).
+    cfg.MODEL.ASSIGNER.HAMBOX.REGRESSED_IOU_THRESHOLD = 0.5
     cfg.MODEL.ASSIGNER.TASK_ALIGNED = CN()
     cfg.MODEL.ASSIGNER.TASK_ALIGNED.TOPK = 13
     cfg.MODEL.ASSIGNER.TASK_ALIGNED.ALPHA = 1.0
@@ -86,6 +116,10 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     cfg.MODEL.ASSIGNER.TASK_ALIGNED.CENTER_EPS = 0.01
     # Use the IoU branch's prediction as u in the alignment metric s^ALPHA * u^BETA.
     cfg.MODEL.ASSIGNER.TASK_ALIGNED.USE_IOU_PREDICTION = False
+
+    for old, (new, note) in RENAMED_KEYS.items():
+        if not cfg.key_is_renamed(old):
+            cfg.register_renamed_key(old, new, note)
 
 
 def build_assigner_from_cfg(cfg):
@@ -119,8 +153,21 @@ def _build_naming_keys(cls, fields: Dict[str, Tuple[str, object]], **fixed):
     return built
 
 
+def soft_target_loss_from_cfg(cfg) -> str:
+    """``MODEL.RETINANET.SOFT_TARGET_LOSS``, or, when empty, the chosen assigner's own loss (logged)."""
+    value = cfg.MODEL.RETINANET.SOFT_TARGET_LOSS
+    if value:
+        return value
+    value = _assigner_class(cfg).soft_target_loss
+    logger.info(
+        "MODEL.RETINANET.SOFT_TARGET_LOSS is empty: soft targets are trained with %r, the %s assigner's own",
+        value, cfg.MODEL.ASSIGNER.NAME,
+    )
+    return value
+
+
 def loss_config_from_cfg(cfg) -> LossConfig:
-    """The losses' options; soft targets are trained with the chosen assigner's loss."""
+    """The losses' options."""
     r = cfg.MODEL.RETINANET
     return _build_naming_keys(LossConfig, {
         "focal_alpha": ("MODEL.RETINANET.FOCAL_LOSS_ALPHA", r.FOCAL_LOSS_ALPHA),
@@ -129,8 +176,7 @@ def loss_config_from_cfg(cfg) -> LossConfig:
         "smooth_l1_beta": ("MODEL.RETINANET.SMOOTH_L1_LOSS_BETA", r.SMOOTH_L1_LOSS_BETA),
         "iou_loss_weight": ("MODEL.IOU_AWARE.LOSS_WEIGHT", cfg.MODEL.IOU_AWARE.LOSS_WEIGHT),
         "iou_target_gradient": ("MODEL.IOU_AWARE.TARGET_GRADIENT", cfg.MODEL.IOU_AWARE.TARGET_GRADIENT),
-        # The one place the loss follows the assigner (TOOD: quality focal loss).
-        "soft_target_loss": ("MODEL.ASSIGNER.NAME", _assigner_class(cfg).soft_target_loss),
+        "soft_target_loss": ("MODEL.RETINANET.SOFT_TARGET_LOSS", soft_target_loss_from_cfg(cfg)),
     })  # fmt: skip
 
 
@@ -168,16 +214,21 @@ def ints_as_floats(cfg, opts: Sequence[str]) -> List[str]:
     return out
 
 
-LOSS_NORMALIZERS = ("", "torchvision", "detectron2")
+LOSS_NORMALIZERS = ("per_image", "batch_ema")
+# The normalizer of each front-end's upstream RetinaNet, what "" selects.
+UPSTREAM_LOSS_NORMALIZER = {"torchvision": "per_image", "detectron2": "batch_ema"}
 
 
 def loss_normalizer_from_cfg(cfg, frontend: str) -> str:
-    """``MODEL.LOSS_NORMALIZER`` resolved for ``frontend`` ("torchvision" or "detectron2")."""
-    value = cfg.MODEL.LOSS_NORMALIZER
-    allowed = LOSS_NORMALIZERS if frontend == "torchvision" else ("", "detectron2")
-    if value not in allowed:
+    """``MODEL.RETINANET.LOSS_NORMALIZER`` resolved for ``frontend`` ("torchvision" or "detectron2"):
+    "per_image" or "batch_ema"."""
+    value = cfg.MODEL.RETINANET.LOSS_NORMALIZER
+    allowed = LOSS_NORMALIZERS if frontend == "torchvision" else ("batch_ema",)
+    if value and value not in allowed:
+        renamed = {"torchvision": "per_image", "detectron2": "batch_ema"}.get(value)
+        hint = f" ({value!r} is now {renamed!r})" if renamed else ""
         raise ValueError(
-            f"MODEL.LOSS_NORMALIZER={value!r} is not supported by the {frontend} front-end; "
-            f"valid choices: {', '.join(repr(v) for v in allowed)}"
+            f"MODEL.RETINANET.LOSS_NORMALIZER={value!r} is not supported by the {frontend} front-end{hint}; "
+            f"valid choices: {', '.join(repr(v) for v in ('', *allowed))}"
         )
-    return value or frontend
+    return value or UPSTREAM_LOSS_NORMALIZER[frontend]

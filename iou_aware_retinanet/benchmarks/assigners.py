@@ -3,10 +3,9 @@
     python -m iou_aware_retinanet.benchmarks.assigners [--repeats 5] [--num-gts 10 100 1000] [--quick] [--threads N]
 
 Times ``max_iou``, ``topk`` and ``atss`` on the ~200k anchors of an 800x1333
-image against 10 / 100 / 1,000 random ground-truth boxes, next to two
-baselines run in the same invocation: Detectron2's ``Matcher`` +
-``pairwise_iou`` (when Detectron2 is importable) for Max-IoU, and
-``reference_atss``, a per-GT loop restating the official ATSS code, for ATSS.
+image against 10 / 100 / 1,000 random ground-truth boxes, next to a
+baseline run in the same invocation: Detectron2's ``Matcher`` +
+``pairwise_iou`` (when Detectron2 is importable) for Max-IoU.
 
 Peak memory is measured per row in a fresh subprocess, as the growth of the
 process's peak resident set size over its size once the inputs are built
@@ -14,7 +13,7 @@ process's peak resident set size over its size once the inputs are built
 reset through ``/proc/self/clear_refs`` and read from ``VmHWM``; elsewhere
 ``ru_maxrss`` is used, which also counts the import-time peak.
 
-This module also provides ``make_retinanet_anchors`` and ``reference_atss``,
+This module also provides ``make_retinanet_anchors`` and ``random_gt_boxes``,
 which the tests use.
 """
 import argparse
@@ -31,10 +30,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from ..core import AnchorSet, build_assigner
-from ..core.assigners import BACKGROUND
 
 # ----------------------------------------------------------------- inputs
 
@@ -108,59 +105,13 @@ def random_gt_boxes(
     return boxes, classes
 
 
-# -------------------------------------------------------------- reference
-
-
-def reference_atss(
-    anchors: AnchorSet, gt_boxes: Tensor, topk: int = 9, center_eps: float = 0.01
-) -> Tensor:
-    """ATSS as the official code states it (sfzhang15/ATSS, ``atss/loss.py``), one GT at a time.
-
-    The straightforward form the project's vectorised ``ATSSAssigner`` must
-    agree with, and the benchmark's baseline. Per GT: IoU with every anchor;
-    on every level the ``topk * anchors-per-location`` anchors with the
-    nearest centres (Euclidean) are candidates; threshold = mean + unbiased
-    std of their IoUs; positive = IoU >= threshold and anchor centre inside
-    the GT by more than ``center_eps``; an anchor positive for several GTs
-    keeps the highest IoU (the first GT on exact ties, like ``argmax``).
-    Only deliberate difference from the official code: IoU without the
-    legacy "+1" pixel. Returns (A,) matched GT index, -1 for background.
-    """
-    boxes = anchors.boxes
-    num_anchors = boxes.shape[0]
-    anchor_ctr = (boxes[:, :2] + boxes[:, 2:]) / 2
-    per_level_k = topk * anchors.num_per_location
-    best_iou = torch.full((num_anchors,), -math.inf)
-    matched = torch.full((num_anchors,), BACKGROUND, dtype=torch.long)
-    for g in range(gt_boxes.shape[0]):
-        gt = gt_boxes[g]
-        ious = box_iou(gt[None], boxes)[0]  # (A,)
-        gt_ctr = (gt[:2] + gt[2:]) / 2
-        distances = (anchor_ctr - gt_ctr).pow(2).sum(dim=1).sqrt()
-        candidates = []
-        for level in anchors.level_slices():
-            level_dist = distances[level]
-            k = min(per_level_k, level_dist.shape[0])
-            candidates.append(level_dist.topk(k, largest=False).indices + level.start)
-        candidates = torch.cat(candidates)
-        cand_iou = ious[candidates]
-        threshold = cand_iou.mean() + cand_iou.std()
-        cx, cy = anchor_ctr[candidates].unbind(dim=1)
-        margin = torch.stack((cx - gt[0], cy - gt[1], gt[2] - cx, gt[3] - cy)).min(dim=0).values
-        positive = candidates[(cand_iou >= threshold) & (margin > center_eps)]
-        wins = positive[ious[positive] > best_iou[positive]]
-        best_iou[wins] = ious[wins]
-        matched[wins] = g
-    return matched
-
-
 # -------------------------------------------------------------- benchmark
 
 IMAGE_SIZE = (800, 1333)
 NUM_CLASSES = 80
-METHODS = ("max_iou", "d2_matcher", "topk", "atss", "reference_atss")
+METHODS = ("max_iou", "d2_matcher", "topk", "atss")
 PROJECT_ASSIGNERS = ("max_iou", "topk", "atss")
-BASELINE_OF = {"max_iou": "d2_matcher", "atss": "reference_atss"}
+BASELINE_OF = {"max_iou": "d2_matcher"}
 MEMORY_METHOD_VMHWM = "peak RSS growth per fresh subprocess (VmHWM reset via /proc/self/clear_refs)"
 MEMORY_METHOD_MAXRSS = "peak RSS growth per fresh subprocess (ru_maxrss; includes the import-time peak)"
 
@@ -178,8 +129,6 @@ def _make_runner(method: str, anchors: AnchorSet, gt_boxes: Tensor, gt_classes: 
     if method in PROJECT_ASSIGNERS:
         assigner = build_assigner(method, NUM_CLASSES)
         return lambda: assigner(anchors, gt_boxes, gt_classes)
-    if method == "reference_atss":
-        return lambda: reference_atss(anchors, gt_boxes)
     if method == "d2_matcher":
         from detectron2.modeling.matcher import Matcher
         from detectron2.structures import Boxes, pairwise_iou
@@ -315,11 +264,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   f"{_fmt(base and base['peak_mib'], '.0f'):>8} | {speedup:>7}")
     print()
     by_gts = dict(rows)
-    if 100 in by_gts:
-        r = by_gts[100]
-        ratio = r["reference_atss"]["time_ms"] / r["atss"]["time_ms"]
-        print(f"target ATSS >= 3x faster than reference_atss at 100 GTs: {ratio:.1f}x -> "
-              f"{'met' if ratio >= 3 else 'NOT met'}")
     if 1000 in by_gts:
         peak = max(by_gts[1000][name]["peak_mib"] for name in PROJECT_ASSIGNERS)
         print(f"target peak <= 2048 MiB at 1000 GTs (project assigners): {peak:.0f} MiB -> "

@@ -8,6 +8,7 @@ from typing import Iterator, Tuple
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 # Largest log-ratio a predicted width/height may have, as in Detectron2 and
 # torchvision: stops exp() from overflowing on wild deltas.
@@ -132,3 +133,38 @@ def gt_chunks(num_gt: int, num_anchors: int, max_elements: int) -> Iterator[slic
     step = max(1, max_elements // max(num_anchors, 1))
     for start in range(0, num_gt, step):
         yield slice(start, min(start + step, num_gt))
+
+
+def iou_blocks(gt_boxes: Tensor, boxes: Tensor, max_elements: int) -> Iterator[Tuple[slice, Tensor]]:
+    """(chunk, IoU of ``gt_boxes[chunk]`` with every box, (g, A)) over blocks of GTs,
+    so that the GT x box IoU matrix never exists whole."""
+    for chunk in gt_chunks(gt_boxes.shape[0], boxes.shape[0], max_elements):
+        yield chunk, box_iou(gt_boxes[chunk], boxes)
+
+
+class BestGT:
+    """Running max over GT blocks: each anchor's highest IoU and the GT that has it.
+
+    On exact ties the earlier GT keeps the anchor (Detectron2's ``Matcher``). An
+    anchor that overlaps no GT ends with IoU 0 and GT 0: callers that match on it
+    must look at the IoU.
+    """
+
+    def __init__(self, num_anchors: int, device):
+        self.iou = torch.full((num_anchors,), -1.0, device=device)
+        self.gt = torch.zeros(num_anchors, dtype=torch.long, device=device)
+
+    def update(self, iou: Tensor, first_gt: int) -> None:
+        """Fold in the (g, A) IoUs of GTs ``first_gt`` .. ``first_gt + g - 1``."""
+        vals, idx = iou.max(dim=0)
+        better = vals > self.iou  # strict: on exact ties the earlier GT keeps the anchor
+        self.iou = torch.where(better, vals, self.iou)
+        self.gt = torch.where(better, idx + first_gt, self.gt)
+
+
+def candidate_ious(boxes: Tensor, candidates: Tensor, gt_boxes: Tensor) -> Tensor:
+    """IoU of ``boxes[candidates[g, c]]`` with ``gt_boxes[g]``: (G, C), without the
+    G x A matrix. ``candidates`` (G, C) box indices, ``gt_boxes`` (G, 4)."""
+    g, c = candidates.shape
+    gts = gt_boxes[:, None, :].expand(g, c, 4).reshape(-1, 4)
+    return aligned_box_iou(boxes[candidates.reshape(-1)], gts).view(g, c)

@@ -15,6 +15,16 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 THRESHOLD_ON_CHOICES = ("fused", "cls")
 
 
+@torch.jit.interface
+class BoxDecoder:
+    """What inference needs of a box coder: core ``BoxCoder`` or Detectron2's
+    ``Box2BoxTransform``. An interface, so that TorchScript compiles the
+    post-processing below with either (Python only checks the method exists)."""
+
+    def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        pass
+
+
 def fuse_scores(cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float]) -> Tensor:
     """S = p^alpha * IoU^(1 - alpha); ``alpha=None`` is the plain product p * IoU.
 
@@ -22,10 +32,12 @@ def fuse_scores(cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float
     (A, 1) against (A, K)). ``ious=None`` or ``alpha=1`` returns p unchanged,
     which is plain RetinaNet scoring.
     """
-    if ious is None or alpha == 1:
+    if ious is None:
         return cls_probs
     if alpha is None:
         return cls_probs * ious
+    if alpha == 1.0:
+        return cls_probs
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1] or be None, got {alpha}")
     return cls_probs.pow(alpha) * ious.pow(1.0 - alpha)
@@ -35,7 +47,7 @@ def fuse_scores(cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float
 class InferenceConfig:
     alpha: Optional[float] = 0.5  # official code; None = p * IoU
     score_thresh: float = 0.05
-    threshold_on: str = "fused"  # "fused": S > thresh; "cls": p > thresh, then rank by S
+    threshold_on: str = "cls"  # "cls": p > thresh, then rank by S; "fused": S > thresh
     topk_candidates: int = 1000  # per level
     nms_thresh: float = 0.5
     max_detections: int = 100
@@ -62,11 +74,12 @@ class Detections:
         return self.boxes.shape[0]
 
 
-def _topk_count(values: Tensor, k: int):
+def _topk_count(values: Tensor, k: int) -> int:
     """min(k, len(values)); while tracing for ONNX export, a tensor computed from the
     traced shape (a Python min would freeze the count of the example image)."""
-    if torch.jit.is_tracing():
-        return torch.clamp(torch._shape_as_tensor(values)[0], max=k)
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing():
+            return torch.clamp(torch._shape_as_tensor(values)[0], max=k)  # type: ignore[return-value]
     return min(k, values.shape[0])
 
 
@@ -78,44 +91,34 @@ def select_level_candidates(
     Returns anchor indices, classes, fused scores (sorted, descending) and
     class probabilities of the kept (anchor, class) pairs.
     """
-    if config.threshold_on == "cls" or ious is None:
+    return _select_level_candidates(
+        cls_probs, ious, config.alpha, config.score_thresh, config.threshold_on, config.topk_candidates
+    )
+
+
+def _select_level_candidates(
+    cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float], score_thresh: float, threshold_on: str,
+    topk_candidates: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if threshold_on == "cls" or ious is None:
         # Gate on p first, fuse only the pairs that pass: the same scores, without
         # computing S for every (anchor, class) of the level.
-        pair_idx = torch.nonzero(cls_probs > config.score_thresh)  # (P, 2) anchor, class
+        pair_idx = torch.nonzero(cls_probs > score_thresh)  # (P, 2) anchor, class
         probs = cls_probs[pair_idx[:, 0], pair_idx[:, 1]]
-        scores = fuse_scores(probs, None if ious is None else ious[pair_idx[:, 0]], config.alpha)
+        scores = fuse_scores(probs, None if ious is None else ious[pair_idx[:, 0]], alpha)
     else:
-        fused = fuse_scores(cls_probs, ious[:, None], config.alpha)
-        pair_idx = torch.nonzero(fused > config.score_thresh)
+        fused = fuse_scores(cls_probs, ious[:, None], alpha)
+        pair_idx = torch.nonzero(fused > score_thresh)
         scores = fused[pair_idx[:, 0], pair_idx[:, 1]]
     # NaN compares False, but a NaN / inf IoU would still pass the "cls" gate (and an
     # inf one the "fused" gate): drop non-finite fused scores explicitly.
     finite = torch.isfinite(scores)
     if torch.jit.is_tracing() or not bool(finite.all()):
         pair_idx, scores = pair_idx[finite], scores[finite]
-    scores, order = scores.topk(_topk_count(scores, config.topk_candidates))
+    scores, order = scores.topk(_topk_count(scores, topk_candidates))
     pair_idx = pair_idx[order]
     anchor_idx, class_idx = pair_idx.unbind(dim=1)
     return anchor_idx, class_idx, scores, cls_probs[anchor_idx, class_idx]
-
-
-def _level_pairs_gated_on_p(
-    cls_probs: Tensor, ious: Tensor, config: InferenceConfig
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """The kept pairs of one level when the gate is p, unfused: anchor indices, classes, p.
-
-    The pairs of :func:`select_level_candidates` (p > thresh, finite S, top-k of
-    S), but S is only computed (and sorted) here when the level has more than
-    ``topk_candidates`` pairs; otherwise every pair is kept, unsorted (NMS
-    sorts), and :func:`postprocess_image` fuses all levels' pairs at once and
-    drops non-finite scores.
-    """
-    pair_idx = torch.nonzero(cls_probs > config.score_thresh)
-    if pair_idx.shape[0] > config.topk_candidates:
-        anchor_idx, class_idx, _, probs = select_level_candidates(cls_probs, ious, config)
-        return anchor_idx, class_idx, probs
-    anchor_idx, class_idx = pair_idx.unbind(dim=1)
-    return anchor_idx, class_idx, cls_probs[anchor_idx, class_idx]
 
 
 def postprocess_image(
@@ -133,65 +136,72 @@ def postprocess_image(
     (A_l,) IoU predictions in [0, 1] (or any localization quality, e.g. the
     IoU_truth of the upper-bound analysis), anchors[l] (A_l, 4).
 
-    With the IoU branch and the gate on p (``threshold_on="cls"``), which pairs
-    a level keeps depends on S only if it has more than ``topk_candidates`` of
-    them, so S is computed once for every level's pairs (a few ops per image
-    instead of a few per level: the IoU branch's share of post-processing on a
-    small network) and a level is sorted only when its top-k has something to
-    drop. The detections are those of :func:`select_level_candidates` on each
-    level (NMS sorts by S). Without the IoU branch every level goes through
-    :func:`select_level_candidates`, top-k included, as in torchvision and
-    Detectron2: the same order for equal scores, so the same detections.
+    Each level goes through :func:`select_level_candidates` (threshold, top-k),
+    as in torchvision and Detectron2; NMS and the ranking then use S.
     """
-    fuse_once = ious is not None and config.threshold_on == "cls" and not torch.jit.is_tracing()
+    return Detections(*detect_image(
+        cls_probs, box_deltas, ious, anchors, box_coder, image_size, config.alpha, config.score_thresh,
+        config.threshold_on, config.topk_candidates, config.nms_thresh, config.max_detections, config.clip_to_image,
+    ))  # fmt: skip
+
+
+def detect_image(
+    cls_probs: List[Tensor],
+    box_deltas: List[Tensor],
+    ious: Optional[List[Tensor]],
+    anchors: List[Tensor],
+    box_coder: BoxDecoder,
+    image_size: Tuple[int, int],
+    alpha: Optional[float],
+    score_thresh: float,
+    threshold_on: str,
+    topk_candidates: int,
+    nms_thresh: float,
+    max_detections: int,
+    clip_to_image: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """:func:`postprocess_image` with ``InferenceConfig``'s fields as arguments and
+    ``Detections``' fields as a tuple: the form TorchScript compiles (it reads
+    neither dataclass), for front-ends that script their model."""
     boxes_all: List[Tensor] = []
     scores_all: List[Tensor] = []
     classes_all: List[Tensor] = []
     cls_all: List[Tensor] = []
     ious_all: List[Tensor] = []
-    for level, (probs_l, deltas_l, anchors_l) in enumerate(zip(cls_probs, box_deltas, anchors)):
+    for level in range(len(cls_probs)):
         ious_l = None if ious is None else ious[level]
-        if fuse_once:
-            anchor_idx, class_idx, cls_scores = _level_pairs_gated_on_p(probs_l, ious_l, config)
-        else:
-            anchor_idx, class_idx, scores, cls_scores = select_level_candidates(probs_l, ious_l, config)
-            scores_all.append(scores)
-        boxes = box_coder.apply_deltas(deltas_l[anchor_idx], anchors_l[anchor_idx])
-        if config.clip_to_image:
+        anchor_idx, class_idx, scores, cls_scores = _select_level_candidates(
+            cls_probs[level], ious_l, alpha, score_thresh, threshold_on, topk_candidates
+        )
+        boxes = box_coder.apply_deltas(box_deltas[level][anchor_idx], anchors[level][anchor_idx])
+        if clip_to_image:
             boxes = clip_boxes_to_image(boxes, image_size)
         boxes_all.append(boxes)
+        scores_all.append(scores)
         classes_all.append(class_idx)
         cls_all.append(cls_scores)
         if ious_l is not None:
             ious_all.append(ious_l[anchor_idx])
 
     boxes = torch.cat(boxes_all)
+    scores = torch.cat(scores_all)
     classes = torch.cat(classes_all)
     cls_scores = torch.cat(cls_all)
     iou_values = torch.cat(ious_all) if ious is not None else None
-    scores = fuse_scores(cls_scores, iou_values, config.alpha) if fuse_once else torch.cat(scores_all)
 
-    # Wild deltas (inf / NaN) decode to non-finite boxes that NMS cannot rank; a NaN / inf
-    # IoU gives a non-finite S (select_level_candidates drops those per level).
+    # Wild deltas (inf / NaN) decode to non-finite boxes that NMS cannot rank (non-finite
+    # scores were dropped per level).
     finite = torch.isfinite(boxes).all(dim=1)
-    if fuse_once:
-        finite &= torch.isfinite(scores)
     if torch.jit.is_tracing() or not bool(finite.all()):  # a trace cannot branch on data: always filter
         boxes, scores, classes, cls_scores = boxes[finite], scores[finite], classes[finite], cls_scores[finite]
         iou_values = iou_values[finite] if iou_values is not None else None
 
-    keep = batched_nms(boxes.float(), scores, classes, config.nms_thresh)[: config.max_detections]
-    return Detections(
-        boxes=boxes[keep],
-        scores=scores[keep],
-        classes=classes[keep],
-        cls_scores=cls_scores[keep],
-        ious=iou_values[keep] if iou_values is not None else None,
-    )
+    keep = batched_nms(boxes.float(), scores, classes, nms_thresh)[:max_detections]
+    return boxes[keep], scores[keep], classes[keep], cls_scores[keep], iou_values[keep] if iou_values is not None else None
 
 
 def image_predictions(
-    cls_logits: Sequence[Tensor], box_deltas: Sequence[Tensor], iou_logits: Optional[Sequence[Tensor]], index: int
+    cls_logits: List[Tensor], box_deltas: List[Tensor], iou_logits: Optional[List[Tensor]], index: int
 ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
     """Image ``index`` of a batch's per-level logits, as :func:`postprocess_image` takes
     them: class probabilities (A_l, K), deltas (A_l, 4) and predicted IoUs (A_l,).

@@ -134,19 +134,25 @@ def _box_loss_per_anchor(
     return loss_fn(pred_boxes, gt_boxes, reduction="none")
 
 
-def iou_prediction_loss(
-    iou_logits: Tensor, pred_boxes: Tensor, gt_boxes: Tensor, target_gradient: bool
-) -> Tensor:
-    """BCE of the IoU branch against IoU(predicted box, its GT), per anchor.
+def iou_prediction_loss(iou_logits: Tensor, iou_target: Tensor, target_gradient: bool) -> Tensor:
+    """BCE of the IoU branch against ``iou_target``, IoU(predicted box, its GT), per anchor.
 
     With ``target_gradient`` the target keeps its graph, so the loss also
     pushes the box deltas (d BCE / d IoU = log((1 - p) / p)); without it the
     target is a constant.
     """
-    target = aligned_box_iou(pred_boxes, gt_boxes)
     if not target_gradient:
-        target = target.detach()
-    return F.binary_cross_entropy_with_logits(iou_logits, target, reduction="none")
+        iou_target = iou_target.detach()
+    return F.binary_cross_entropy_with_logits(iou_logits, iou_target, reduction="none")
+
+
+def bce_floor(iou_target: Tensor) -> Tensor:
+    """The entropy of each (soft) IoU target: the lowest value its BCE can take. No gradient."""
+    with torch.no_grad():
+        target = iou_target.clamp(0.0, 1.0)
+        # By hand, not F.binary_cross_entropy(target, target): that raises on a NaN
+        # target (blown-up boxes), before the loss check can name the iteration.
+        return -(torch.special.xlogy(target, target) + torch.special.xlogy(1 - target, 1 - target))
 
 
 def dense_detection_losses(
@@ -198,17 +204,12 @@ def dense_detection_losses(
     losses["loss_box_reg"] = _sum_per_image(box_loss, img_idx, num_images)
 
     if iou_logits is not None:
-        iou_loss = iou_prediction_loss(
-            iou_logits[img_idx, anchor_idx], fg_boxes, matched_boxes, config.iou_target_gradient
-        )
+        iou_target = aligned_box_iou(fg_boxes, matched_boxes)
+        iou_loss = iou_prediction_loss(iou_logits[img_idx, anchor_idx], iou_target, config.iou_target_gradient)
         losses["loss_iou"] = config.iou_loss_weight * _sum_per_image(iou_loss, img_idx, num_images)
         # The BCE cannot go below the entropy of its (soft) targets, so loss_iou
         # barely moves even when the branch learns; loss_iou - this floor shows progress.
-        with torch.no_grad():
-            target = aligned_box_iou(fg_boxes, matched_boxes).clamp(0.0, 1.0)
-            # By hand, not F.binary_cross_entropy(target, target): that raises on a NaN
-            # target (blown-up boxes), before the loss check can name the iteration.
-            entropy = -(torch.special.xlogy(target, target) + torch.special.xlogy(1 - target, 1 - target))
+        entropy = bce_floor(iou_target)
         losses[IOU_TARGET_ENTROPY] = config.iou_loss_weight * _sum_per_image(entropy, img_idx, num_images)
 
     losses["num_foreground"] = torch.bincount(img_idx, minlength=num_images)

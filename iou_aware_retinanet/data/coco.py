@@ -437,7 +437,7 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     Item ``i`` is ``(image, target)``: image float32 (3, H, W) RGB in [0, 1];
     target ``{"boxes": float32 (N, 4) XYXY, "labels": int64 (N,), "image_id": int}``.
     ``transforms`` is a callable ``(image, target) -> (image, target)``, such as
-    :class:`RandomHorizontalFlip`. Resizing is left to the model
+    :func:`hflip`. Resizing is left to the model
     (torchvision's ``GeneralizedRCNNTransform``). ``decoded``: the records'
     images already decoded (:func:`decode_images`), in the same order; the
     files are then not read again (the samples are identical).
@@ -487,27 +487,6 @@ def hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     flipped[:, 0] = width - boxes[:, 2]
     flipped[:, 2] = width - boxes[:, 0]
     return flipped
-
-
-class RandomHorizontalFlip:
-    """Mirror the image and its boxes with probability ``prob``.
-
-    Draws from torch's global generator, which the DataLoader seeds per
-    worker, so augmentation is reproducible under ``torch.manual_seed``.
-    """
-
-    def __init__(self, prob: float = 0.5):
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"prob must lie in [0, 1], got {prob}")
-        self.prob = prob
-
-    def __call__(self, image: torch.Tensor, target: Target) -> Tuple[torch.Tensor, Target]:
-        if float(torch.rand(())) >= self.prob:  # rand is in [0, 1): prob 1 always flips
-            return image, target
-        return hflip(image, target)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(prob={self.prob})"
 
 
 def collate_detection(batch: Sequence[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor], List[Target]]:

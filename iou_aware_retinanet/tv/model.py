@@ -43,12 +43,10 @@ from ..config import build_assigner_from_cfg, inference_config_from_cfg, loss_co
 from ..core import (
     AnchorSet,
     Assigner,
-    Assignment,
     BoxCoder,
     InferenceConfig,
     LossConfig,
     build_assigner,
-    assign_batch,
     box_and_iou_outputs,
     build_iou_predictor,
     postprocess_batch,
@@ -194,7 +192,7 @@ class IoUAwareRetinaNet(RetinaNet):
         loss_config: Optional[LossConfig] = None,
         inference_config: Optional[InferenceConfig] = None,
         box_coder: Optional[BoxCoder] = None,
-        loss_normalizer: str = "torchvision",
+        loss_normalizer: str = "per_image",
         **kwargs,
     ):
         if head is None:
@@ -229,10 +227,10 @@ class IoUAwareRetinaNet(RetinaNet):
         self.box_coder = box_coder or BoxCoder()
         # Eval mode returns DenseOutputs instead of detections (analysis only).
         self.return_dense_outputs = False
-        if loss_normalizer not in ("torchvision", "detectron2"):
-            raise ValueError(f"loss_normalizer must be 'torchvision' or 'detectron2', got {loss_normalizer!r}")
+        if loss_normalizer not in ("per_image", "batch_ema"):
+            raise ValueError(f"loss_normalizer must be 'per_image' or 'batch_ema', got {loss_normalizer!r}")
         self.loss_normalizer = loss_normalizer
-        if loss_normalizer == "detectron2":
+        if loss_normalizer == "batch_ema":
             # Detectron2's EMA of the positives per batch; a buffer, so checkpoints and an
             # exact resume carry it.
             self.register_buffer("loss_normalizer_ema", torch.tensor(100.0, dtype=torch.float64))
@@ -285,20 +283,21 @@ class IoUAwareRetinaNet(RetinaNet):
         targets: List[Dict[str, Tensor]],
         head_outputs: Dict[str, Tensor],
         anchors: List[Tensor],
-        num_anchors_per_level: Optional[Sequence[int]] = None,
+        num_anchors_per_level: Sequence[int],
     ) -> Dict[str, Tensor]:
         """Assign with the core assigner, then the core losses, normalized as torchvision.
 
         ``anchors``: one (A, 4) tensor per image, identical across the batch
         (one padded batch tensor). ``num_anchors_per_level``: A split by FPN
-        level (ATSS picks candidates per level); None treats all anchors as
-        one level.
+        level, required (ATSS picks candidates per level; torchvision's own
+        ``compute_loss`` has no such argument).
         """
+        if num_anchors_per_level is None:
+            raise ValueError("num_anchors_per_level is required: the anchors' split by FPN level")
         cls_logits = head_outputs["cls_logits"]
-        anchor_boxes = anchors[0]
         anchor_set = AnchorSet(
-            boxes=anchor_boxes,
-            num_per_level=tuple(num_anchors_per_level or (anchor_boxes.shape[0],)),
+            boxes=anchors[0],
+            num_per_level=tuple(num_anchors_per_level),
             num_per_location=self.anchor_generator.num_anchors_per_location()[0],
         )
         per_image = training_losses(
@@ -308,7 +307,7 @@ class IoUAwareRetinaNet(RetinaNet):
         )  # fmt: skip
         num_foreground = per_image.pop("num_foreground")
         entropy = per_image.pop(IOU_TARGET_ENTROPY, None)
-        if self.loss_normalizer == "detectron2":
+        if self.loss_normalizer == "batch_ema":
             # Batch sum / EMA of the batch's positives (Detectron2's RetinaNet.losses).
             ema = self.loss_normalizer_ema
             ema.mul_(0.9).add_(0.1 * max(float(num_foreground.sum()), 1.0))
@@ -329,10 +328,6 @@ class IoUAwareRetinaNet(RetinaNet):
         if entropy is not None:
             self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - normalize(entropy))
         return losses
-
-    def assign(self, anchors: AnchorSet, targets: List[Dict[str, Tensor]], predictions=None) -> List[Assignment]:
-        """One core ``Assignment`` per image; GT indices refer to ``targets[i]["boxes"]``."""
-        return assign_batch(self.assigner, anchors, [t["boxes"] for t in targets], [t["labels"] for t in targets], predictions)
 
     # ---------------------------------------------------------------- inference
     def postprocess_detections(

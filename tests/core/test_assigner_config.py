@@ -22,10 +22,11 @@ from .assigner_inputs import random_grid, random_gts
 NON_DEFAULT = [
     "MODEL.ASSIGNER.MAX_IOU.ALLOW_LOW_QUALITY_MATCHES", False,
     "MODEL.RETINANET.IOU_THRESHOLDS", [0.3, 0.6],
-    "MODEL.ASSIGNER.TOPK.K", 4, "MODEL.ASSIGNER.TOPK.MIN_IOU", 0.1,
+    "MODEL.ASSIGNER.TOPK.TOPK", 4, "MODEL.ASSIGNER.TOPK.MIN_IOU", 0.1,
     "MODEL.ASSIGNER.ATSS.TOPK", 5, "MODEL.ASSIGNER.ATSS.CENTER_EPS", 0.5, "MODEL.ASSIGNER.ATSS.ENSURE_POSITIVE", True,
-    "MODEL.ASSIGNER.NOISY_ANCHOR.TOPN", 12, "MODEL.ASSIGNER.NOISY_ANCHOR.ALPHA", 0.6,
-    "MODEL.ASSIGNER.HAMBOX.MATCH_THRESHOLD", 0.45, "MODEL.ASSIGNER.HAMBOX.K", 3, "MODEL.ASSIGNER.HAMBOX.T", 0.6,
+    "MODEL.ASSIGNER.NOISY_ANCHOR.TOPK", 12, "MODEL.ASSIGNER.NOISY_ANCHOR.ALPHA", 0.6,
+    "MODEL.ASSIGNER.HAMBOX.MATCH_THRESHOLD", 0.45, "MODEL.ASSIGNER.HAMBOX.ANCHORS_PER_GT", 3,
+    "MODEL.ASSIGNER.HAMBOX.REGRESSED_IOU_THRESHOLD", 0.6,
     "MODEL.ASSIGNER.TASK_ALIGNED.TOPK", 7, "MODEL.ASSIGNER.TASK_ALIGNED.ALPHA", 0.5,
     "MODEL.ASSIGNER.TASK_ALIGNED.BETA", 4.0, "MODEL.ASSIGNER.TASK_ALIGNED.CENTER_EPS", 0.2,
     "MODEL.ASSIGNER.TASK_ALIGNED.USE_IOU_PREDICTION", True,
@@ -47,8 +48,8 @@ def _built_as_before(cfg, name):
     if name == "max_iou":
         kwargs.update(thresholds=cfg.MODEL.RETINANET.IOU_THRESHOLDS, labels=cfg.MODEL.RETINANET.IOU_LABELS)
     if name == "hambox":
-        base_name, threshold = kwargs.pop("base"), kwargs.pop("match_threshold")
-        if base_name == "max_iou":
+        base_name, threshold = kwargs.pop("base_assigner"), kwargs.pop("match_threshold")
+        if not base_name:
             kwargs["base"] = build_assigner("max_iou", K, thresholds=[threshold], labels=[0, 1],
                                             allow_low_quality_matches=False)
         else:
@@ -78,7 +79,7 @@ def test_non_default_options_are_read():
 
 
 def test_hambox_builds_any_static_base_from_its_own_keys():
-    cfg = _cfg(["MODEL.ASSIGNER.HAMBOX.BASE", "atss", "MODEL.ASSIGNER.ATSS.TOPK", 4])
+    cfg = _cfg(["MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER", "atss", "MODEL.ASSIGNER.ATSS.TOPK", 4])
     base = assigner_from_cfg("hambox", cfg, K).base
     assert _options(base) == _options(assigner_from_cfg("atss", cfg, K))
     assert base.topk == 4
@@ -87,8 +88,8 @@ def test_hambox_builds_any_static_base_from_its_own_keys():
 @pytest.mark.parametrize("base", ["hambox", "noisy_anchor"])
 def test_hambox_base_must_be_static(base):
     """A dynamic base is refused, including HAMBox itself (no endless recursion)."""
-    cfg = _cfg(["MODEL.ASSIGNER.NAME", "hambox", "MODEL.ASSIGNER.HAMBOX.BASE", base])
-    with pytest.raises(ValueError, match=rf"MODEL.ASSIGNER.HAMBOX: BASE='{base}': .*static"):
+    cfg = _cfg(["MODEL.ASSIGNER.NAME", "hambox", "MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER", base])
+    with pytest.raises(ValueError, match=rf"MODEL.ASSIGNER.HAMBOX: BASE_ASSIGNER='{base}': .*static"):
         build_assigner_from_cfg(cfg)
 
 
@@ -112,7 +113,8 @@ def test_hambox_calls_only_the_public_interface_of_its_base():
     boxes[movers] = gt_boxes[torch.arange(60) % len(gt_boxes)] + 0.5 * torch.randn(60, 4, generator=gen)
     preds = Predictions(cls_probs=torch.rand(len(anchors), K, generator=gen), boxes=boxes)
     hambox = assigner_from_cfg("hambox", _cfg(), K)
-    wrapped = build_assigner("hambox", K, base=PublicOnly(hambox.base), k=hambox.k, t=hambox.t)
+    wrapped = build_assigner("hambox", K, base=PublicOnly(hambox.base), anchors_per_gt=hambox.anchors_per_gt,
+                             regressed_iou_threshold=hambox.regressed_iou_threshold)
     expected, out = hambox(anchors, gt_boxes, gt_classes, preds), wrapped(anchors, gt_boxes, gt_classes, preds)
     assert torch.equal(out.matched_gt, expected.matched_gt)
     assert torch.equal(out.cls_weights, expected.cls_weights)
@@ -131,6 +133,49 @@ def test_task_aligned_trains_with_the_quality_focal_loss_noisy_anchor_with_the_f
     """TOOD (GFL) and Noisy-anchor's official losses."""
     assert loss_config_from_cfg(_cfg(["MODEL.ASSIGNER.NAME", "task_aligned"])).soft_target_loss == "quality_focal"
     assert loss_config_from_cfg(_cfg(["MODEL.ASSIGNER.NAME", "noisy_anchor"])).soft_target_loss == "focal"
+
+
+def test_soft_target_loss_key_overrides_the_assigner_and_its_default_is_logged(caplog):
+    cfg = _cfg(["MODEL.ASSIGNER.NAME", "task_aligned", "MODEL.RETINANET.SOFT_TARGET_LOSS", "focal"])
+    with caplog.at_level("INFO", logger="iou_aware_retinanet.config"):
+        assert loss_config_from_cfg(cfg).soft_target_loss == "focal"
+    assert not caplog.records  # chosen explicitly: nothing to say
+    cfg.MODEL.RETINANET.SOFT_TARGET_LOSS = ""
+    with caplog.at_level("INFO", logger="iou_aware_retinanet.config"):
+        assert loss_config_from_cfg(cfg).soft_target_loss == "quality_focal"
+    assert "'quality_focal', the task_aligned assigner's own" in caplog.text
+    cfg.MODEL.RETINANET.SOFT_TARGET_LOSS = "bce"
+    with pytest.raises(ValueError, match="^MODEL.RETINANET.SOFT_TARGET_LOSS: unknown soft-target loss 'bce'"):
+        loss_config_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("MODEL.LOSS_NORMALIZER", "MODEL.RETINANET.LOSS_NORMALIZER"),
+    ("MODEL.ASSIGNER.TOPK.K", "MODEL.ASSIGNER.TOPK.TOPK"),
+    ("MODEL.ASSIGNER.NOISY_ANCHOR.TOPN", "MODEL.ASSIGNER.NOISY_ANCHOR.TOPK"),
+    ("MODEL.ASSIGNER.HAMBOX.K", "MODEL.ASSIGNER.HAMBOX.ANCHORS_PER_GT"),
+    ("MODEL.ASSIGNER.HAMBOX.T", "MODEL.ASSIGNER.HAMBOX.REGRESSED_IOU_THRESHOLD"),
+    ("MODEL.ASSIGNER.HAMBOX.BASE", "MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER"),
+])  # fmt: skip
+def test_renamed_keys_are_refused_naming_the_new_key(old, new, tmp_path):
+    """From the command line and from a file: no silent alias, the error names the new key."""
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        _cfg([old, 1])
+    *parents, leaf = old.split(".")
+    text = "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(parents)) + f"{'  ' * len(parents)}{leaf}: 1\n"
+    (tmp_path / "old.yaml").write_text(text)
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        get_cfg().merge_from_file(str(tmp_path / "old.yaml"))
+
+
+def test_old_loss_normalizer_values_are_refused_naming_the_new_ones():
+    from iou_aware_retinanet.config import loss_normalizer_from_cfg
+
+    for old, new in (("torchvision", "per_image"), ("detectron2", "batch_ema")):
+        with pytest.raises(ValueError, match=f"'{old}' is now '{new}'"):
+            loss_normalizer_from_cfg(_cfg(["MODEL.RETINANET.LOSS_NORMALIZER", old]), "torchvision")
+    assert loss_normalizer_from_cfg(_cfg(), "torchvision") == "per_image"
+    assert loss_normalizer_from_cfg(_cfg(), "detectron2") == "batch_ema"
 
 
 @pytest.mark.parametrize("loss", SOFT_TARGET_LOSSES)
@@ -168,10 +213,11 @@ def test_loss_config_rejects_an_unknown_soft_target_loss():
 # ------------------------------------------------------- one check, key named
 @pytest.mark.parametrize("opts, key", [
     (["MODEL.ASSIGNER.NAME", "hungarian"], "MODEL.ASSIGNER.NAME"),
-    (["MODEL.ASSIGNER.NAME", "topk", "MODEL.ASSIGNER.TOPK.K", 0], "MODEL.ASSIGNER.TOPK"),
+    (["MODEL.ASSIGNER.NAME", "topk", "MODEL.ASSIGNER.TOPK.TOPK", 0], "MODEL.ASSIGNER.TOPK"),
     (["MODEL.ASSIGNER.NAME", "atss", "MODEL.ASSIGNER.ATSS.TOPK", 0], "MODEL.ASSIGNER.ATSS"),
     (["MODEL.ASSIGNER.NAME", "max_iou", "MODEL.RETINANET.IOU_THRESHOLDS", [0.5, 0.4]], "MODEL.ASSIGNER.MAX_IOU"),
-    (["MODEL.ASSIGNER.NAME", "hambox", "MODEL.ASSIGNER.HAMBOX.BASE", "nope"], "MODEL.ASSIGNER.HAMBOX: BASE='nope'"),
+    (["MODEL.ASSIGNER.NAME", "hambox", "MODEL.ASSIGNER.HAMBOX.BASE_ASSIGNER", "nope"],
+     "MODEL.ASSIGNER.HAMBOX: BASE_ASSIGNER='nope'"),
 ])  # fmt: skip
 def test_assigner_errors_name_the_key_and_carry_the_core_message(opts, key):
     cfg = _cfg(opts)
@@ -215,3 +261,12 @@ def test_builders_give_the_core_objects_of_the_config():
     assert inference.max_detections == cfg.TEST.DETECTIONS_PER_IMAGE
     cfg.MODEL.IOU_AWARE.ALPHA = "None"  # from the command line
     assert inference_config_from_cfg(cfg).alpha is None
+
+
+def test_inference_defaults_in_code_equal_the_config_defaults():
+    """A model built in code (``InferenceConfig()``) detects as one built from a
+    default config: every inference option has one default."""
+    from iou_aware_retinanet.core import InferenceConfig
+
+    assert InferenceConfig() == inference_config_from_cfg(get_cfg())
+    assert InferenceConfig(clip_to_image=True) == inference_config_from_cfg(get_cfg(), clip_to_image=True)

@@ -10,14 +10,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchvision.ops import box_iou
 
-from iou_aware_retinanet.benchmarks.assigners import make_retinanet_anchors, reference_atss
+from iou_aware_retinanet.benchmarks.assigners import make_retinanet_anchors
 from iou_aware_retinanet.core import AnchorSet, build_assigner
 from iou_aware_retinanet.core.assigners import BACKGROUND, IGNORE
-from iou_aware_retinanet.core.assigners import max_iou as max_iou_module
-from iou_aware_retinanet.core.assigners import topk as topk_module
+from iou_aware_retinanet.core import boxes as boxes_module
 
 from .assigner_inputs import NUM_CLASSES as K
 from .assigner_inputs import random_grid, random_gts, shuffled_within_levels
+from .reference_atss import reference_atss
 
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 D2_MISSING_REASON = (
@@ -149,8 +149,8 @@ def test_make_retinanet_anchors_layout():
 # ------------------------------------------------------------------ chunking
 CHUNKED_CASES = [
     ("max_iou", {}),
-    ("topk", {"k": 5}),
-    ("topk", {"k": 9, "min_iou": 0.2}),
+    ("topk", {"topk": 5}),
+    ("topk", {"topk": 9, "min_iou": 0.2}),
     ("atss", {}),
     ("atss", {"ensure_positive": True}),
 ]
@@ -201,8 +201,8 @@ def crowded_image():
     return anchors, gt_boxes, gt_classes
 
 
-@pytest.mark.parametrize("name, module", [("max_iou", max_iou_module), ("topk", topk_module)])
-def test_iou_blocks_stay_bounded(name, module, crowded_image, monkeypatch):
+@pytest.mark.parametrize("name", ["max_iou", "topk"])
+def test_iou_blocks_stay_bounded(name, crowded_image, monkeypatch):
     anchors, gt_boxes, gt_classes = crowded_image
     largest = []
 
@@ -211,7 +211,7 @@ def test_iou_blocks_stay_bounded(name, module, crowded_image, monkeypatch):
         largest.append(iou.numel())
         return iou
 
-    monkeypatch.setattr(module, "box_iou", recording_box_iou)
+    monkeypatch.setattr(boxes_module, "box_iou", recording_box_iou)
     out = build_assigner(name, K, max_block_elements=BLOCK)(anchors, gt_boxes, gt_classes)
     assert len(largest) > 1 and max(largest) <= BLOCK
     assert out.num_foreground > 0

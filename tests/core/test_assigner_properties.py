@@ -83,7 +83,7 @@ def test_max_iou_invariants(scene):
 @PROPERTY_SETTINGS
 @given(scene=scenes(), k=st.integers(1, 12), min_iou=st.sampled_from([0.0, 0.3]))
 def test_topk_invariants(scene, k, min_iou):
-    out = assign("topk", scene, k=k, min_iou=min_iou)
+    out = assign("topk", scene, topk=k, min_iou=min_iou)
     check_common(out, scene)
     assert not bool((out.labels == -1).any())
     fg = out.matched_gt >= 0

@@ -88,7 +88,7 @@ TOPK_ANCHORS = [[0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 6], FAR]
 
 def test_topk_takes_k_best_per_gt():
     """GT [0,0,10,10]: IoUs 1.0, 0.8, 0.6, 0 -> k = 2 takes anchors 0 and 1."""
-    out = build_assigner("topk", K, k=2)(anchor_set(TOPK_ANCHORS), *gts([[0, 0, 10, 10]], [2]))
+    out = build_assigner("topk", K, topk=2)(anchor_set(TOPK_ANCHORS), *gts([[0, 0, 10, 10]], [2]))
     assert out.matched_gt.tolist() == [0, 0, BACKGROUND, BACKGROUND]
     assert out.labels.tolist() == [2, 2, K, K]
 
@@ -97,7 +97,7 @@ def test_topk_conflict_goes_to_higher_iou():
     """GT 0 [0,0,10,10] claims anchors 0 (IoU 1) and 1 (0.8); GT 1 [0,0,10,8]
     claims anchors 1 (IoU 1) and 0 (0.8; anchor 2 has 60/80 = 0.75). Anchor 0
     goes to GT 0, anchor 1 to GT 1; anchor 2 was claimed by nobody."""
-    out = build_assigner("topk", K, k=2)(anchor_set(TOPK_ANCHORS),
+    out = build_assigner("topk", K, topk=2)(anchor_set(TOPK_ANCHORS),
                                          *gts([[0, 0, 10, 10], [0, 0, 10, 8]], [0, 1]))
     assert out.matched_gt.tolist() == [0, 1, BACKGROUND, BACKGROUND]
     assert out.labels.tolist() == [0, 1, K, K]
@@ -105,7 +105,7 @@ def test_topk_conflict_goes_to_higher_iou():
 
 def test_topk_min_iou_floor():
     """k = 3 would take IoUs 1.0, 0.8, 0.6; min_iou 0.7 drops the 0.6 claim."""
-    out = build_assigner("topk", K, k=3, min_iou=0.7)(anchor_set(TOPK_ANCHORS), *gts([[0, 0, 10, 10]]))
+    out = build_assigner("topk", K, topk=3, min_iou=0.7)(anchor_set(TOPK_ANCHORS), *gts([[0, 0, 10, 10]]))
     assert out.matched_gt.tolist() == [0, 0, BACKGROUND, BACKGROUND]
 
 
@@ -113,7 +113,7 @@ def test_topk_never_takes_iou_zero_anchors():
     """A 1x1 GT touches only anchor 0 (IoU 1/100); k = 3 does not fill up its
     quota with anchors that do not overlap it."""
     anchors = anchor_set([[50, 50, 60, 60], [0, 0, 10, 10], [20, 20, 30, 30], FAR])
-    out = build_assigner("topk", K, k=3)(anchors, *gts([[50, 50, 51, 51]], [1]))
+    out = build_assigner("topk", K, topk=3)(anchors, *gts([[50, 50, 51, 51]], [1]))
     assert out.matched_gt.tolist() == [0, BACKGROUND, BACKGROUND, BACKGROUND]
 
 
@@ -300,7 +300,7 @@ def test_degenerate_gts_are_dropped_and_indices_keep_caller_numbering(name):
     gt_boxes = torch.tensor([[0, 0, 0, 10], [0, 10, 10, 0], [0, 0, 10, 10],
                              [math.nan, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
     gt_classes = torch.tensor([0, 0, 1, 0, 2])
-    kwargs = {"topk": 1} if name == "atss" else {"k": 1} if name == "topk" else {}
+    kwargs = {"topk": 1} if name in ("atss", "topk") else {}
     with pytest.warns(DegenerateBoxWarning, match="3 ground-truth box"):
         out = build_assigner(name, K, **kwargs)(anchors, gt_boxes, gt_classes)
     assert out.matched_gt.tolist() == [2, 4, BACKGROUND]

@@ -46,7 +46,7 @@ def test_hambox_compensates_k_minus_m_best_regressed_anchors():
     preds = _predictions([[0, 0, 10, 10], [0, 0, 10, 8],
                           [0, 0, 10, 9], [0, 0, 10, 7], [0, 0, 10, 6], [0, 0, 10, 5],
                           [600, 600, 610, 610]])
-    out = _hambox(k=5, t=0.5)(anchors, torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([2]), preds)
+    out = _hambox(anchors_per_gt=5, regressed_iou_threshold=0.5)(anchors, torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([2]), preds)
     assert out.matched_gt.tolist() == [0, 0, 0, 0, 0, IGNORE, BACKGROUND]
     assert out.labels.tolist() == [2, 2, 2, 2, 2, -1, K]
     torch.testing.assert_close(out.cls_weights, torch.tensor([1, 1, 0.9, 0.7, 0.6, 1, 1]))
@@ -58,7 +58,7 @@ def test_hambox_takes_only_k_minus_m_and_ignores_the_rest():
     anchors = _anchors([[0, 0, 10, 10], [0, 0, 10, 8]] + FAR[:4])
     preds = _predictions([[0, 0, 10, 10], [0, 0, 10, 8],
                           [0, 0, 10, 9], [0, 0, 10, 8], [0, 0, 10, 7], [0, 0, 10, 6]])
-    out = _hambox(k=5, t=0.5)(anchors, torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0]), preds)
+    out = _hambox(anchors_per_gt=5, regressed_iou_threshold=0.5)(anchors, torch.tensor([[0.0, 0, 10, 10]]), torch.tensor([0]), preds)
     assert out.matched_gt.tolist() == [0, 0, 0, 0, 0, IGNORE]
 
 
@@ -70,7 +70,7 @@ def test_hambox_gt_with_enough_anchors_gets_none_and_conflicts_go_to_higher_iou(
     preds = _predictions([[0, 0, 10, 10], [0, 0, 10, 9],
                           [20, 0, 30, 9], [20, 0, 30, 8], [0, 0, 10, 7]])
     gts = torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10]])
-    out = _hambox(k=2, t=0.5)(anchors, gts, torch.tensor([0, 1]), preds)
+    out = _hambox(anchors_per_gt=2, regressed_iou_threshold=0.5)(anchors, gts, torch.tensor([0, 1]), preds)
     # GT 1 takes its 2 best (0.9, 0.8); anchor 4 overlaps GT 0 (0.7 >= T) but
     # GT 0 is full: ignored, not a negative.
     assert out.matched_gt.tolist() == [0, 0, 1, 1, IGNORE]
@@ -83,7 +83,7 @@ def test_hambox_anchor_wanted_by_two_gts_goes_to_the_higher_regressed_iou():
     gts = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 7.5]])
     preds = _predictions([[0, 0, 10, 6], [600, 600, 610, 610]])
     iou0, iou1 = 0.6, 6 / 7.5
-    out = _hambox(k=1, t=0.5)(anchors, gts, torch.tensor([0, 1]), preds)
+    out = _hambox(anchors_per_gt=1, regressed_iou_threshold=0.5)(anchors, gts, torch.tensor([0, 1]), preds)
     assert out.matched_gt.tolist() == [1, BACKGROUND]
     assert out.cls_weights[0].item() == pytest.approx(iou1)
     assert iou1 > iou0
@@ -132,13 +132,13 @@ def test_all_equal_candidates_get_hard_labels():
 
 
 def test_noisy_anchor_assigner_end_to_end():
-    """Two anchors on the GT (top-N = 2), one far. Predicted boxes give loc =
+    """Two anchors on the GT (top-k = 2), one far. Predicted boxes give loc =
     [0.9, 0.5]; predicted probabilities of the GT class (1) give cls = [0.6, 0.2]:
     the values of the hand-computed case above."""
     anchors = _anchors([[0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60]])
     probs = [[0.1, 0.6, 0.1], [0.1, 0.2, 0.1], [0.1, 0.9, 0.1]]
     preds = _predictions([[0, 0, 10, 9], [0, 0, 10, 5], [50, 50, 60, 60]], probs)
-    out = build_assigner("noisy_anchor", K, topn=2)(anchors, torch.tensor([[0.0, 0, 10, 10]]),
+    out = build_assigner("noisy_anchor", K, topk=2)(anchors, torch.tensor([[0.0, 0, 10, 10]]),
                                                      torch.tensor([1]), preds)
     assert out.matched_gt.tolist() == [0, 0, BACKGROUND]
     assert out.labels.tolist() == [1, 1, K]
@@ -154,9 +154,34 @@ def test_noisy_anchor_candidate_learns_from_its_max_iou_gt():
     anchors = _anchors([[0, 0, 10, 10], [0, 0, 20, 10], [50, 50, 60, 60]])
     preds = _predictions([[0, 0, 10, 10], [0, 0, 20, 10], [50, 50, 60, 60]])
     gts = torch.tensor([[0.0, 0, 10, 10], [0, 0, 20, 10]])
-    out = build_assigner("noisy_anchor", K, topn=1)(anchors, gts, torch.tensor([0, 2]), preds)
+    out = build_assigner("noisy_anchor", K, topk=1)(anchors, gts, torch.tensor([0, 2]), preds)
     assert out.matched_gt.tolist() == [0, 1, BACKGROUND]
 
+
+
+def test_noisy_anchor_takes_no_anchor_that_misses_every_gt():
+    """Top-k larger than the anchors a GT overlaps: anchors 2 and 3 overlap neither
+    GT (IoU 0), so they are no candidates of anything and stay background, rather
+    than filling the top-k and being matched to GT 0 (the argmax of an all-zero
+    IoU column) as positives of an object they do not touch."""
+    anchors = _anchors([[0, 0, 10, 10], [100, 100, 110, 110], [50, 50, 60, 60], [200, 0, 210, 10]])
+    gts = torch.tensor([[0.0, 0, 10, 10], [100, 100, 110, 110]])
+    preds = _predictions(anchors.boxes.tolist())
+    out = build_assigner("noisy_anchor", K, topk=3)(anchors, gts, torch.tensor([0, 2]), preds)
+    assert out.matched_gt.tolist() == [0, 1, BACKGROUND, BACKGROUND]
+    assert out.labels.tolist() == [0, 2, K, K]
+    # Background anchors keep the default weight; the candidates' weights average to 1.
+    assert out.cls_weights[2:].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(out.cls_weights[:2].mean(), torch.tensor(1.0))
+
+
+def test_noisy_anchor_with_a_gt_that_overlaps_no_anchor():
+    anchors = _anchors([[0, 0, 10, 10], [50, 50, 60, 60]])
+    out = build_assigner("noisy_anchor", K, topk=2)(
+        anchors, torch.tensor([[100.0, 100, 110, 110]]), torch.tensor([1]), _predictions(anchors.boxes.tolist())
+    )
+    assert out.matched_gt.tolist() == [BACKGROUND, BACKGROUND]
+    assert out.labels.tolist() == [K, K]
 
 # ---------------------------------------------------------- task aligned
 def test_task_aligned_hand_computed():

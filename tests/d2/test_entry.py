@@ -107,10 +107,10 @@ def test_train_net_checks_num_classes_before_training(tmp_path):
 def test_detectron2_front_end_has_only_its_own_loss_normalizer():
     from detectron2.modeling import build_model
 
-    cfg = setup_project_cfg(SHAPES, ["MODEL.LOSS_NORMALIZER", "torchvision"])
-    with pytest.raises(ValueError, match="MODEL.LOSS_NORMALIZER='torchvision' is not supported by the detectron2"):
+    cfg = setup_project_cfg(SHAPES, ["MODEL.RETINANET.LOSS_NORMALIZER", "per_image"])
+    with pytest.raises(ValueError, match="MODEL.RETINANET.LOSS_NORMALIZER='per_image' is not supported by the detectron2"):
         build_model(cfg)
-    build_model(setup_project_cfg(SHAPES, ["MODEL.LOSS_NORMALIZER", "detectron2"]))
+    build_model(setup_project_cfg(SHAPES, ["MODEL.RETINANET.LOSS_NORMALIZER", "batch_ema"]))
 
 
 def test_a_truncated_image_is_named_by_the_detectron2_loader(tmp_path):

@@ -13,8 +13,8 @@ from iou_aware_retinanet.data.coco import (
     CocoDetectionDataset,
     decode_images,
     decoded_size_bytes,
-    RandomHorizontalFlip,
     collate_detection,
+    hflip,
     hflip_boxes,
     load_coco_detection,
 )
@@ -292,24 +292,20 @@ def test_hflip_boxes_by_hand():
     assert torch.equal(hflip_boxes(boxes, 30), expected)
 
 
-def test_random_flip_flips_image_and_boxes_together():
+def test_hflip_flips_image_and_boxes_together():
     image = torch.zeros(3, H, W)
     image[:, 3:8, 2:10] = 1.0  # a bright patch exactly under the box
     target = {"boxes": torch.tensor([[2.0, 3.0, 10.0, 8.0]]), "labels": torch.tensor([0]), "image_id": 5}
-    flipped, flipped_target = RandomHorizontalFlip(prob=1.0)(image, target)
+    flipped, flipped_target = hflip(image, target)
     assert torch.equal(flipped_target["boxes"], torch.tensor([[20.0, 3.0, 28.0, 8.0]]))
     assert flipped[:, 3:8, 20:28].min() == 1.0 and flipped.sum() == image.sum()
     assert torch.equal(target["boxes"], torch.tensor([[2.0, 3.0, 10.0, 8.0]]))  # input untouched
     assert flipped_target["image_id"] == 5
-    same, same_target = RandomHorizontalFlip(prob=0.0)(image, target)
-    assert torch.equal(same, image) and torch.equal(same_target["boxes"], target["boxes"])
-    with pytest.raises(ValueError):
-        RandomHorizontalFlip(prob=1.5)
 
 
 def test_collate_and_data_loader(tmp_path):
     json_file, image_root = _write(tmp_path, _dataset([_ann(1, 1, [1, 2, 10, 5])]))
-    dataset = CocoDetectionDataset(load_coco_detection(json_file, image_root).records, RandomHorizontalFlip())
+    dataset = CocoDetectionDataset(load_coco_detection(json_file, image_root).records, hflip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_detection)
     images, targets = next(iter(loader))
     assert isinstance(images, list) and len(images) == 2 and images[0].shape == (3, H, W)

@@ -33,7 +33,7 @@ MAX_ITER = 4
 RUN = {
     "SOLVER.IMS_PER_BATCH": "8",
     "MODEL.RESNETS.NORM": "FrozenBN",
-    "MODEL.LOSS_NORMALIZER": "torchvision",
+    "MODEL.RETINANET.LOSS_NORMALIZER": "per_image",
     "SOLVER.CHECKPOINT_PERIOD": "2",
     "TEST.EVAL_PERIOD": "2",
 }

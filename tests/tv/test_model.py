@@ -72,6 +72,21 @@ def test_predictions_only_for_dynamic_assigners(assigner, monkeypatch):
     assert bool(calls) == model.assigner.needs_predictions
 
 
+def test_compute_loss_needs_the_anchors_per_level():
+    """ATSS picks candidates per FPN level: without the level sizes the anchors would
+    read as one level and candidates would be picked globally, so compute_loss refuses."""
+    model = build_model(tiny_cfg(["MODEL.ASSIGNER.NAME", "atss"]))
+    model.train()
+    images, targets = model.transform(*random_inputs(num_gt=(3, 2)))
+    features = list(model.backbone(images.tensors).values())
+    head_outputs = model.head(features)
+    anchors = model.anchor_generator(images, features)
+    with pytest.raises(TypeError):
+        model.compute_loss(targets, head_outputs, anchors)
+    with pytest.raises(ValueError, match="num_anchors_per_level"):
+        model.compute_loss(targets, head_outputs, anchors, None)
+
+
 def test_iou_branch_off_is_plain_retinanet():
     model = build_model(tiny_cfg(["MODEL.IOU_AWARE.ENABLED", False]))
     assert not model.iou_aware and model.head.iou_pred is None
@@ -268,8 +283,8 @@ def test_training_reduces_the_loss():
 
 
 def test_detectron2_loss_normalizer_by_hand():
-    """MODEL.LOSS_NORMALIZER "detectron2": the batch's summed losses over an EMA of its positives
-    (0.9 * 100 + 0.1 * N at the first step); "torchvision": each image by its own positives, averaged."""
+    """MODEL.RETINANET.LOSS_NORMALIZER "batch_ema": the batch's summed losses over an EMA of its positives
+    (0.9 * 100 + 0.1 * N at the first step); "per_image": each image by its own positives, averaged."""
     from iou_aware_retinanet.core import dense_detection_losses as real_losses
 
     images, targets = random_inputs(num_images=2, num_gt=(3, 1))
@@ -281,9 +296,9 @@ def test_detectron2_loss_normalizer_by_hand():
         return out
 
     results = {}
-    for normalizer in ("torchvision", "detectron2"):
+    for normalizer in ("per_image", "batch_ema"):
         torch.manual_seed(0)
-        model = build_model(tiny_cfg(["MODEL.LOSS_NORMALIZER", normalizer]))
+        model = build_model(tiny_cfg(["MODEL.RETINANET.LOSS_NORMALIZER", normalizer]))
         model.train()
         core_training.dense_detection_losses, saved = spy, core_training.dense_detection_losses
         try:
@@ -292,13 +307,13 @@ def test_detectron2_loss_normalizer_by_hand():
             core_training.dense_detection_losses = saved
         per_image, num_fg = dict(captured), captured["num_foreground"].double()
         for name in ("loss_cls", "loss_box_reg", "loss_iou"):
-            if normalizer == "detectron2":
+            if normalizer == "batch_ema":
                 expected = per_image[name].double().sum() / (0.9 * 100.0 + 0.1 * float(num_fg.sum()))
             else:
                 expected = (per_image[name].double() / num_fg.clamp(min=1)).mean()
             torch.testing.assert_close(results[normalizer][name].double(), expected, rtol=1e-5, atol=1e-7)
-        if normalizer == "detectron2":
+        if normalizer == "batch_ema":
             assert float(model.loss_normalizer_ema) == pytest.approx(90.0 + 0.1 * float(num_fg.sum()))
             assert "loss_normalizer_ema" in model.state_dict()  # checkpointed: exact resume
-    with pytest.raises(ValueError, match="MODEL.LOSS_NORMALIZER='mean'"):
-        build_model(tiny_cfg(["MODEL.LOSS_NORMALIZER", "mean"]))
+    with pytest.raises(ValueError, match="MODEL.RETINANET.LOSS_NORMALIZER='mean'"):
+        build_model(tiny_cfg(["MODEL.RETINANET.LOSS_NORMALIZER", "mean"]))

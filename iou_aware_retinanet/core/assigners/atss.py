@@ -12,7 +12,7 @@ single candidate (undefined) is taken as 0.
 """
 import torch
 
-from ..boxes import aligned_box_iou, box_centers, centers_inside, gt_chunks
+from ..boxes import box_centers, candidate_ious, centers_inside, gt_chunks
 from .base import Assignment, BACKGROUND, Assigner, register_assigner, resolve_conflicts
 
 
@@ -86,10 +86,8 @@ class ATSSAssigner(Assigner):
                     nearest = (nearest[:, :, None] * group + offsets).flatten(1)
                 idx_chunk.append(nearest + start)
             idx = torch.cat(idx_chunk, dim=1)  # (g, C)
-            g, c = idx.shape
-            gt = gt_boxes[chunk, None, :].expand(g, c, 4).reshape(-1, 4)
             cand_idx.append(idx)
-            cand_iou.append(aligned_box_iou(boxes[idx.reshape(-1)], gt).view(g, c))
+            cand_iou.append(candidate_ious(boxes, idx, gt_boxes[chunk]))
         return torch.cat(cand_idx), torch.cat(cand_iou)
 
     def _match(self, anchors, gt_boxes, gt_classes, predictions):

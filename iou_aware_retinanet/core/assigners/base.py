@@ -12,9 +12,10 @@ Each assigner builds itself from a config (``from_cfg``, reading its own
 """
 import warnings
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar, Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, ClassVar, Optional, Sequence, Tuple, Type
 
 import torch
+from fvcore.common.registry import Registry
 from torch import Tensor
 
 from ..boxes import DEFAULT_MAX_BLOCK_ELEMENTS, valid_box_mask
@@ -241,33 +242,41 @@ def resolve_conflicts(
     return matched
 
 
-ASSIGNER_REGISTRY: Dict[str, Type[Assigner]] = {}
+class _AssignerRegistry(Registry):
+    """fvcore's ``Registry`` (Detectron2's), keyed by the assigner's config name
+    ("max_iou", ...) rather than its class name."""
+
+    def register_as(self, name: str) -> Callable[[Type[Assigner]], Type[Assigner]]:
+        def deco(cls: Type[Assigner]) -> Type[Assigner]:
+            if name in self:
+                raise ValueError(f"assigner {name!r} is already registered")
+            self._do_register(name, cls)
+            return cls
+
+        return deco
+
+
+ASSIGNER_REGISTRY = _AssignerRegistry("ASSIGNER")
+ASSIGNER_REGISTRY.__doc__ = """Label assigners by name (``MODEL.ASSIGNER.NAME``); add your own with
+``@register_assigner("my_name")`` on an :class:`Assigner` subclass."""
 
 
 def register_assigner(name: str) -> Callable[[Type[Assigner]], Type[Assigner]]:
     """Class decorator: make an assigner buildable by ``name``."""
-
-    def deco(cls: Type[Assigner]) -> Type[Assigner]:
-        if name in ASSIGNER_REGISTRY:
-            raise ValueError(f"assigner {name!r} is already registered")
-        ASSIGNER_REGISTRY[name] = cls
-        return cls
-
-    return deco
+    return ASSIGNER_REGISTRY.register_as(name)
 
 
 def available_assigners() -> Sequence[str]:
-    return sorted(ASSIGNER_REGISTRY)
+    return sorted(name for name, _ in ASSIGNER_REGISTRY)
 
 
 def assigner_class(name: str) -> Type[Assigner]:
     """The assigner class registered as ``name``; an unknown name lists the valid ones."""
-    try:
-        return ASSIGNER_REGISTRY[name]
-    except KeyError:
+    if name not in ASSIGNER_REGISTRY:
         raise ValueError(
             f"unknown label assigner {name!r}; valid choices: {', '.join(available_assigners())}"
-        ) from None
+        )
+    return ASSIGNER_REGISTRY.get(name)
 
 
 def build_assigner(name: str, num_classes: int, **kwargs) -> Assigner:

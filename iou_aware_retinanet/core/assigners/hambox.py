@@ -4,7 +4,7 @@ After a static assignment, many of the best regressed boxes come from anchors
 the static rule called negative. HAMBox lets them help the GTs that got too
 few anchors:
 
-1. base assignment (default: Max-IoU with one threshold, 0.35, no low-quality
+1. base assignment (default: one IoU threshold, 0.35, no low-quality
    matches, as in the public reimplementation chyueG/HAMBox-high-anchors-mining);
 2. regress every anchor (detached predictions) and compute IoU(regressed box, GT);
 3. every GT with M < K matched anchors takes, among the anchors that are not
@@ -21,9 +21,8 @@ tops every GT up from its own top-K regressed anchors and lets the later GT win
 conflicts (see the README).
 """
 import torch
-from torchvision.ops import box_iou
 
-from ..boxes import aligned_box_iou, gt_chunks
+from ..boxes import aligned_box_iou, iou_blocks
 from .base import (
     IGNORE,
     Assigner,
@@ -40,42 +39,55 @@ from .base import (
 class HAMBoxAssigner(Assigner):
     """Online compensation on top of ``base`` (an Assigner instance).
 
-    ``k``: anchors each GT should end with (5); ``t``: regressed-IoU threshold
-    for compensation and for the ignore rule (0.5).
+    ``anchors_per_gt`` (the paper's K): anchors each GT should end with (5);
+    ``regressed_iou_threshold`` (the paper's T): regressed-IoU threshold for
+    compensation and for the ignore rule (0.5).
     """
 
     needs_predictions = True
 
-    def __init__(self, num_classes: int, base: Assigner, k: int = 5, t: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        base: Assigner,
+        anchors_per_gt: int = 5,
+        regressed_iou_threshold: float = 0.5,
+        **kwargs,
+    ):
         super().__init__(num_classes, **kwargs)
         _check_static(type(base))
         if base.num_classes != num_classes:
             raise ValueError(f"base assigner has {base.num_classes} classes, expected {num_classes}")
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if not 0.0 <= t < 1.0:
-            raise ValueError(f"t must lie in [0, 1), got {t}")
+        if anchors_per_gt < 1:
+            raise ValueError(f"anchors_per_gt must be >= 1, got {anchors_per_gt}")
+        if not 0.0 <= regressed_iou_threshold < 1.0:
+            raise ValueError(f"regressed_iou_threshold must lie in [0, 1), got {regressed_iou_threshold}")
         self.base = base
-        self.k = int(k)
-        self.t = float(t)
+        self.anchors_per_gt = int(anchors_per_gt)
+        self.regressed_iou_threshold = float(regressed_iou_threshold)
 
     @classmethod
     def from_cfg(cls, cfg, num_classes: int) -> "HAMBoxAssigner":
-        """``MODEL.ASSIGNER.HAMBOX``; ``BASE`` "max_iou" is the single ``MATCH_THRESHOLD``
-        without low-quality matches, any other static assigner is built from its own keys."""
+        """``MODEL.ASSIGNER.HAMBOX``; ``BASE_ASSIGNER`` "" is HAMBox's own base, the single
+        IoU threshold ``MATCH_THRESHOLD`` without low-quality matches; a registered static
+        assigner's name is that assigner, built from its own keys."""
         node = cfg.MODEL.ASSIGNER.HAMBOX
+        name = node.BASE_ASSIGNER
         try:
-            if node.BASE == "max_iou":
+            if not name:
                 base = build_assigner(
                     "max_iou", num_classes, thresholds=[node.MATCH_THRESHOLD], labels=[0, 1],
                     allow_low_quality_matches=False,
                 )
             else:
-                _check_static(assigner_class(node.BASE))  # before building: BASE "hambox" would recurse
-                base = assigner_from_cfg(node.BASE, cfg, num_classes)
+                _check_static(assigner_class(name))  # before building: "hambox" would recurse
+                base = assigner_from_cfg(name, cfg, num_classes)
         except ValueError as e:
-            raise ValueError(f"BASE={node.BASE!r}: {e}") from None
-        return cls(num_classes, base=base, k=node.K, t=node.T)
+            raise ValueError(f"BASE_ASSIGNER={name!r}: {e}") from None
+        return cls(
+            num_classes, base=base, anchors_per_gt=node.ANCHORS_PER_GT,
+            regressed_iou_threshold=node.REGRESSED_IOU_THRESHOLD,
+        )
 
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         num_anchors, num_gt = len(anchors), gt_boxes.shape[0]
@@ -84,17 +96,16 @@ class HAMBoxAssigner(Assigner):
         matched = self.base(anchors, gt_boxes, gt_classes).matched_gt.clone()
         unmatched = matched < 0
         num_matched = torch.bincount(matched[~unmatched], minlength=num_gt)
-        wanted = (self.k - num_matched).clamp(min=0)  # K - M per GT
+        wanted = (self.anchors_per_gt - num_matched).clamp(min=0)  # K - M per GT
 
         best_reg_iou = torch.zeros(num_anchors, device=device)
         claim_anchor, claim_gt, claim_iou = [], [], []
-        k = min(self.k, num_anchors)
-        for chunk in gt_chunks(num_gt, num_anchors, self.max_block_elements):
-            reg_iou = box_iou(gt_boxes[chunk], predictions.boxes)  # (g, A)
+        k = min(self.anchors_per_gt, num_anchors)
+        for chunk, reg_iou in iou_blocks(gt_boxes, predictions.boxes, self.max_block_elements):  # (g, A)
             best_reg_iou = torch.maximum(best_reg_iou, reg_iou.max(dim=0).values)
             vals, idx = torch.where(unmatched, reg_iou, torch.zeros_like(reg_iou)).topk(k, dim=1)
             rank = torch.arange(k, device=device)[None, :]
-            take = (rank < wanted[chunk, None]) & (vals > self.t)
+            take = (rank < wanted[chunk, None]) & (vals > self.regressed_iou_threshold)
             gts = torch.arange(chunk.start, chunk.stop, device=device)[:, None].expand_as(idx)
             claim_anchor.append(idx[take])
             claim_gt.append(gts[take])
@@ -114,7 +125,7 @@ class HAMBoxAssigner(Assigner):
             cls_weights[comp_idx] = aligned_box_iou(predictions.boxes[comp_idx], gt_boxes[matched[comp_idx]])
 
         still_unmatched = matched < 0
-        matched[still_unmatched & (best_reg_iou >= self.t)] = IGNORE
+        matched[still_unmatched & (best_reg_iou >= self.regressed_iou_threshold)] = IGNORE
         return Assignment(labels=None, matched_gt=matched, cls_weights=cls_weights)
 
 

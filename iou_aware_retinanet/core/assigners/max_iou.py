@@ -3,9 +3,8 @@ import math
 from typing import Sequence
 
 import torch
-from torchvision.ops import box_iou
 
-from ..boxes import gt_chunks
+from ..boxes import BestGT, iou_blocks
 from .base import Assignment, BACKGROUND, IGNORE, Assigner, register_assigner
 
 _CODE_OF_LABEL = {1: None, 0: BACKGROUND, -1: IGNORE}  # Matcher label -> matched_gt code
@@ -60,28 +59,20 @@ class MaxIoUAssigner(Assigner):
 
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
-        num_anchors = boxes.shape[0]
-        best_iou = torch.full((num_anchors,), -1.0, device=boxes.device)
-        best_gt = torch.zeros(num_anchors, dtype=torch.long, device=boxes.device)
-        low_quality = torch.zeros(num_anchors, dtype=torch.bool, device=boxes.device)
-
-        # GTs are processed in blocks so the GT x anchor IoU matrix never exists whole.
-        for chunk in gt_chunks(gt_boxes.shape[0], num_anchors, self.max_block_elements):
-            iou = box_iou(gt_boxes[chunk], boxes)  # (g, A)
-            vals, idx = iou.max(dim=0)
-            better = vals > best_iou  # strict: on exact ties the earlier GT keeps the anchor
-            best_iou = torch.where(better, vals, best_iou)
-            best_gt = torch.where(better, idx + chunk.start, best_gt)
+        best = BestGT(boxes.shape[0], boxes.device)
+        low_quality = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        for chunk, iou in iou_blocks(gt_boxes, boxes, self.max_block_elements):  # iou: (g, A)
+            best.update(iou, chunk.start)
             if self.allow_low_quality_matches:
                 best_per_gt = iou.max(dim=1, keepdim=True).values
                 low_quality |= ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)
             del iou
 
-        matched = best_gt.clone()
+        matched = best.gt.clone()
         for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
             code = _CODE_OF_LABEL[label]
             if code is not None:
-                matched[(best_iou >= low) & (best_iou < high)] = code
+                matched[(best.iou >= low) & (best.iou < high)] = code
         if self.allow_low_quality_matches:
-            matched[low_quality] = best_gt[low_quality]
+            matched[low_quality] = best.gt[low_quality]
         return Assignment(labels=None, matched_gt=matched)

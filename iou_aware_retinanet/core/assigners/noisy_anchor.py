@@ -4,7 +4,7 @@ One-stage Object Detection", CVPR 2020).
 Follows the official code (henrylee2570/NoisyAnchor, ``retinanet_noisy.py``
 and ``MatcherTopN``):
 
-1. candidates: the union of every GT's top-N anchors by anchor IoU; each
+1. candidates: the union of every GT's top-k anchors by anchor IoU; each
    candidate learns from the GT it overlaps most (over all GTs, as the
    official matcher); all other anchors are background (no ignore band);
 2. cleanliness inputs, detached: loc_a = IoU(regressed box, its GT) and
@@ -15,7 +15,9 @@ and ``MatcherTopN``):
    f(x) = 1 / (1 - x), so r has mean 1 over the image's candidates; r
    multiplies the classification and regression losses of candidates.
 
-Differences, all guards: candidates are counted once in the means (the
+Differences, all guards: a GT's top-k keeps only anchors that overlap it (IoU > 0;
+the official top-k of a GT that overlaps fewer than k anchors takes zero-IoU anchors
+and matches them to an arbitrary GT); candidates are counted once in the means (the
 official list may repeat an anchor claimed by two GTs); x is clamped below
 1 - 1e-6 before f (f(1) is infinite); means are clamped away from 0; when all
 candidates have the same c the soft label is 1. The official loss also
@@ -23,10 +25,9 @@ rescales the weighted batch loss back to its unweighted total with a detached
 scalar; that global scalar is not reproduced (r already has mean 1 per image).
 """
 import torch
-from torchvision.ops import box_iou
 
-from ..boxes import aligned_box_iou, gt_chunks
-from .base import Assigner, Assignment, register_assigner
+from ..boxes import BestGT, aligned_box_iou, iou_blocks
+from .base import BACKGROUND, Assigner, Assignment, register_assigner
 
 _EPS = 1e-6
 
@@ -56,9 +57,9 @@ def cleanliness(loc_a, cls_c, alpha: float):
 
 @register_assigner("noisy_anchor")
 class NoisyAnchorAssigner(Assigner):
-    """Top-N candidates per GT, soft labels and loss weights from cleanliness.
+    """Top-k candidates per GT, soft labels and loss weights from cleanliness.
 
-    ``topn``: candidates per GT (official default 50; its COCO configs use 30).
+    ``topk``: candidates per GT (official default 50; its COCO configs use 30).
     ``alpha``: weight of localization vs classification in the cleanliness (0.75).
     Soft labels are trained with the focal loss on soft targets of the
     official code (``soft_target_loss = "focal"``).
@@ -67,38 +68,39 @@ class NoisyAnchorAssigner(Assigner):
     needs_predictions = True
     soft_target_loss = "focal"
 
-    def __init__(self, num_classes: int, topn: int = 50, alpha: float = 0.75, **kwargs):
+    def __init__(self, num_classes: int, topk: int = 50, alpha: float = 0.75, **kwargs):
         super().__init__(num_classes, **kwargs)
-        if topn < 1:
-            raise ValueError(f"topn must be >= 1, got {topn}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-        self.topn = int(topn)
+        self.topk = int(topk)
         self.alpha = float(alpha)
 
     @classmethod
     def from_cfg(cls, cfg, num_classes: int) -> "NoisyAnchorAssigner":
         node = cfg.MODEL.ASSIGNER.NOISY_ANCHOR
-        return cls(num_classes, topn=node.TOPN, alpha=node.ALPHA)
+        return cls(num_classes, topk=node.TOPK, alpha=node.ALPHA)
 
     def _match(self, anchors, gt_boxes, gt_classes, predictions):
         boxes = anchors.boxes
         num_anchors = boxes.shape[0]
-        n = min(self.topn, num_anchors)
+        k = min(self.topk, num_anchors)
         is_candidate = torch.zeros(num_anchors, dtype=torch.bool, device=boxes.device)
-        best_iou = torch.full((num_anchors,), -1.0, device=boxes.device)
-        best_gt = torch.zeros(num_anchors, dtype=torch.long, device=boxes.device)
-        for chunk in gt_chunks(gt_boxes.shape[0], num_anchors, self.max_block_elements):
-            iou = box_iou(gt_boxes[chunk], boxes)  # (g, A)
-            is_candidate[iou.topk(n, dim=1).indices.reshape(-1)] = True
-            vals, idx = iou.max(dim=0)
-            better = vals > best_iou
-            best_iou = torch.where(better, vals, best_iou)
-            best_gt = torch.where(better, idx + chunk.start, best_gt)
+        best = BestGT(num_anchors, boxes.device)
+        for chunk, iou in iou_blocks(gt_boxes, boxes, self.max_block_elements):  # iou: (g, A)
+            vals, idx = iou.topk(k, dim=1)
+            # A GT that overlaps fewer than k anchors has zero-IoU anchors in its top-k:
+            # they touch no GT and are no candidates (as TopK's IoU > 0 floor).
+            is_candidate[idx[vals > 0]] = True
+            best.update(iou, chunk.start)
             del iou
 
-        matched = torch.where(is_candidate, best_gt, torch.full_like(best_gt, -1))
+        best_gt = best.gt
+        matched = torch.where(is_candidate, best_gt, torch.full_like(best_gt, BACKGROUND))
         cand = torch.nonzero(is_candidate).squeeze(1)
+        if cand.numel() == 0:  # no GT overlaps any anchor: all background, nothing to rank
+            return Assignment(labels=None, matched_gt=matched)
         gt_of_cand = best_gt[cand]
         loc_a = aligned_box_iou(predictions.boxes[cand], gt_boxes[gt_of_cand])
         cls_c = predictions.cls_probs[cand, gt_classes[gt_of_cand]]

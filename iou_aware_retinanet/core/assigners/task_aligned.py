@@ -23,7 +23,7 @@ for conflicts and t_hat), closing that loop.
 import torch
 from torchvision.ops import box_iou
 
-from ..boxes import aligned_box_iou, box_centers, centers_inside, gt_chunks
+from ..boxes import box_centers, candidate_ious, centers_inside, gt_chunks
 from .base import Assigner, Assignment, register_assigner, resolve_conflicts
 
 
@@ -84,13 +84,10 @@ class TaskAlignedAssigner(Assigner):
                 quality = box_iou(gts, predictions.boxes)
             metric = scores.pow(self.alpha) * quality.pow(self.beta)
             metric, idx = metric.topk(k, dim=1)  # (g, k), over all levels
-            g = idx.shape[0]
             gt_idx = torch.arange(chunk.start, chunk.stop, device=device)[:, None].expand_as(idx)
             inside = centers_inside(anchor_ctr[idx], gts[:, None, :], self.center_eps)  # (g, k)
             keep = inside & (metric > 0)
-            iou = aligned_box_iou(
-                predictions.boxes[idx.reshape(-1)], gts[:, None, :].expand(g, k, 4).reshape(-1, 4)
-            ).view(g, k)
+            iou = candidate_ious(predictions.boxes, idx, gts)
             cand_anchor.append(idx[keep])
             cand_gt.append(gt_idx[keep])
             cand_iou.append(iou[keep])
