@@ -93,7 +93,7 @@ S128 = ("INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MI
 SCH2K = ("SOLVER.MAX_ITER", 2000, "SOLVER.STEPS", "(1400, 1800)", "SOLVER.WARMUP_ITERS", 200, "SOLVER.CHECKPOINT_PERIOD", 2000,
          "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR")
 # The probes of rounds 1-3 ran before the main config moved to Detectron2's loss normalizer.
-TV_NORM = ("MODEL.LOSS_NORMALIZER", "torchvision")
+TV_NORM = ("MODEL.RETINANET.LOSS_NORMALIZER", "per_image")
 SHORT = S128 + SCH2K + TV_NORM
 LR01, LR04, LR08 = ("SOLVER.BASE_LR", 0.01), ("SOLVER.BASE_LR", 0.04), ("SOLVER.BASE_LR", 0.08)
 COSINE = ("SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR")
@@ -121,7 +121,7 @@ PROBES: List[Probe] = [
     # default data; compare with the study's runs/iou_aware/seed0 (torchvision's per-image normalizer).
     _p("x_shapes_3k_d2norm", "3,000 iterations (study schedule), Detectron2's loss normalizer", *S128,
        "SOLVER.MAX_ITER", 3000, "SOLVER.STEPS", "(2100, 2700)", "SOLVER.WARMUP_ITERS", 300, "SOLVER.CHECKPOINT_PERIOD", 1000,
-       "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", *LR04, "MODEL.LOSS_NORMALIZER", "detectron2", data="shapes"),
+       "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", *LR04, "MODEL.RETINANET.LOSS_NORMALIZER", "batch_ema", data="shapes"),
 ]
 
 
