@@ -26,7 +26,8 @@ from ..config_files import load_config
 from .config import get_cfg
 from ..visualize import draw_detections
 from .data import dataset_categories, read_images, resolve_dataset
-from .engine import console_filter, evaluate_all, load_model, log_to_file, save_config, train
+from ..run_folder import check_config_replaceable, save_config
+from .engine import console_filter, evaluate_all, load_model, log_to_file, train
 from .evaluation import atomic_write_json, detections_to_coco
 from .export import FORMATS, run_export
 from . import distributed as comm
@@ -115,10 +116,11 @@ def run_eval(cfg, weights: Optional[str]):
         raise ValueError("DATASETS.TEST is empty: nothing to evaluate on")
     for name in cfg.DATASETS.TEST:
         resolve_dataset(cfg, name, "DATASETS.TEST")  # unknown names fail before the model is built
+    saved = os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml")
+    check_config_replaceable(saved, cfg.dump())  # a user's file there is never replaced
     model = load_model(cfg, resolve_weights(cfg, weights))
     if comm.is_main_process():
-        os.makedirs(os.path.join(cfg.OUTPUT_DIR, "inference"), exist_ok=True)
-        save_config(cfg, os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"))
+        save_config(cfg, saved)
     return evaluate_all(cfg, model)  # sharded over the processes of a torchrun job
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "curve_table",
     "evaluation_points",
     "read_metrics",
+    "read_metrics_file",
 ]
 
 BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -248,8 +249,28 @@ def read_metrics(output_dir: str) -> List[Dict]:
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: is {output_dir} the OUTPUT_DIR of a training run?")
+    return read_metrics_file(path)
+
+
+def read_metrics_file(path: str) -> List[Dict]:
+    """The records of a ``metrics.json`` (one json object per line). A last line cut short (a
+    kill during its append) is dropped with a warning; any other unreadable line is an error
+    naming the file and the line."""
     with open(path, "r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if position == len(lines) - 1 and not line.endswith("\n"):
+                logger.warning("%s: dropped its last line %d, cut short (an interrupted write): %r", path, number, line[:80])
+                break
+            raise ValueError(f"{path}, line {number}: not a json record ({e}): {line[:80]!r}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: not a json object: {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def evaluation_points(records: Sequence[Dict], dataset: Optional[str] = None) -> List[Dict]:

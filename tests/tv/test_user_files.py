@@ -61,3 +61,26 @@ def test_export_refuses_a_user_file_but_replaces_its_own_export(weights, tmp_pat
     config.write_text("_BASE_: base.yaml\n")
     with pytest.raises(FileExistsError, match="input file"):
         check_export_output(str(config), "onnx", [str(weights), str(config)])
+
+
+def test_eval_never_replaces_a_users_config_in_inference(weights):
+    mine = weights.parent / "inference" / "config.yaml"
+    mine.parent.mkdir()
+    mine.write_text("# the config I evaluated with last week\nSOLVER:\n  BASE_LR: 0.1\n")
+    args = ["eval", "--config-file", SHAPES_CONFIG, "--weights", str(weights), "OUTPUT_DIR", str(weights.parent),
+            "DATASETS.TEST", "('shapes_mini_val',)"]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"inference/config.yaml exists and is not a config this project saved"):
+        main(args)
+    assert mine.read_text().startswith("# the config I evaluated with last week")
+
+
+def test_metrics_with_a_line_cut_short_by_a_kill(tmp_path, caplog):
+    from iou_aware_retinanet.tv.evaluation import read_metrics
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 19, "loss": 1.5}\n{"iteration": 39, "loss": 1.2}\n{"iteration": 59, "lo')
+    assert read_metrics(str(tmp_path)) == [{"iteration": 19, "loss": 1.5}, {"iteration": 39, "loss": 1.2}]
+    assert "cut short" in caplog.text and str(path) in caplog.text
+    path.write_text('{"iteration": 19, "loss": 1.5}\n{"iteration": 3\n{"iteration": 59, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not a json record"):
+        read_metrics(str(tmp_path))
