@@ -15,8 +15,10 @@ setup(
     packages=find_packages(exclude=("tests", "tests.*")),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.0",
-        "torchvision>=0.15",
+        # 2.6: torch.load defaults to weights_only=True, so a checkpoint loaded by code outside the
+        # project (Detectron2's DefaultPredictor, say) cannot run code either; the project passes it itself.
+        "torch>=2.6",
+        "torchvision>=0.21",
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
         "opencv-python",
