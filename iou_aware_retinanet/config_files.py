@@ -118,7 +118,7 @@ def check_solver(cfg) -> None:
     solver = cfg.SOLVER
     for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
         if not isinstance(solver[key], int) or isinstance(solver[key], bool) or solver[key] < 1:
-            raise ValueError(f"SOLVER.{key} must be an integer >= 1, got {solver[key]!r}")
+            raise ValueError(f"SOLVER.{key} must be >= 1 (an integer), got {solver[key]!r}")
     if not solver.BASE_LR > 0:
         raise ValueError(f"SOLVER.BASE_LR must be positive, got {solver.BASE_LR}")
     steps = list(solver.STEPS)

@@ -75,7 +75,7 @@ def test_a_missing_base_and_an_unknown_key_name_the_file(tmp_path, load):
     [(".nan", [], r"SOLVER.BASE_LR=nan"), (".inf", [], r"SOLVER.BASE_LR=inf"),
      (None, ["SOLVER.BASE_LR", "1e999"], r"SOLVER.BASE_LR=inf"),
      (None, ["SOLVER.MOMENTUM", "-1e999"], r"SOLVER.MOMENTUM=-inf"),
-     (None, ["SOLVER.MAX_ITER", "-5"], r"SOLVER.MAX_ITER must be an integer >= 1, got -5"),
+     (None, ["SOLVER.MAX_ITER", "-5"], r"SOLVER.MAX_ITER must be >= 1 \(an integer\), got -5"),
      (None, ["SOLVER.STEPS", "(30, 10)"], r"SOLVER.STEPS must be increasing")],
     ids=["nan_yaml", "inf_yaml", "inf_command_line", "minus_inf", "negative_max_iter", "steps_backwards"],
 )

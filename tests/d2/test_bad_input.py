@@ -102,9 +102,9 @@ def test_16_bit_images_are_refused_naming_the_file(tmp_path):
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["SOLVER.MAX_ITER", "-5"], r"SOLVER.MAX_ITER must be an integer >= 1, got -5"),
+        (["SOLVER.MAX_ITER", "-5"], r"SOLVER.MAX_ITER must be >= 1 \(an integer\), got -5"),
         (["SOLVER.BASE_LR", "1e999"], r"SOLVER.BASE_LR=inf .*finite"),
-        (["SOLVER.IMS_PER_BATCH", "0"], r"SOLVER.IMS_PER_BATCH must be an integer >= 1"),
+        (["SOLVER.IMS_PER_BATCH", "0"], r"SOLVER.IMS_PER_BATCH must be >= 1"),
     ],
 )
 def test_train_net_names_the_key_of_a_bad_number(tmp_path, opts, message):
