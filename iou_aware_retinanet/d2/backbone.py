@@ -44,20 +44,49 @@ def build_tiny_fpn_backbone(cfg, input_shape: ShapeSpec):
         )
     if input_shape.channels != 3:
         raise ValueError(f"build_tiny_fpn_backbone takes 3-channel images, got {input_shape.channels}")
-    body = TinyResNet(
+    return tiny_fpn_backbone(
         depth=res.DEPTH,
         stem_channels=res.STEM_OUT_CHANNELS,
         res2_channels=res.RES2_OUT_CHANNELS,
-        norm_layer=lambda channels: get_norm(res.NORM, channels),
+        norm=res.NORM,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        out_features=res.OUT_FEATURES,
+        fpn_in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        fpn_norm=cfg.MODEL.FPN.NORM,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    freeze_stages(body, cfg.MODEL.BACKBONE.FREEZE_AT, FrozenBatchNorm2d.convert_frozen_batchnorm)
-    bottom_up = TinyResNetBackbone(body, res.OUT_FEATURES)
-    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+
+
+def tiny_fpn_backbone(
+    *,
+    depth: int = 18,
+    stem_channels: int = 16,
+    res2_channels: int = 16,
+    norm: str = "BN",
+    freeze_at: int = 0,
+    out_features=("res3", "res4", "res5"),
+    fpn_in_features=("res3", "res4", "res5"),
+    out_channels: int = 64,
+    fpn_norm: str = "",
+    fuse_type: str = "sum",
+) -> FPN:
+    """The backbone of :func:`build_tiny_fpn_backbone` from keyword arguments (what a
+    LazyConfig calls): the ``MODEL.RESNETS``, ``MODEL.BACKBONE.FREEZE_AT`` and
+    ``MODEL.FPN`` keys it reads, in the same order."""
+    body = TinyResNet(
+        depth=depth,
+        stem_channels=stem_channels,
+        res2_channels=res2_channels,
+        norm_layer=lambda channels: get_norm(norm, channels),
+    )
+    freeze_stages(body, freeze_at, FrozenBatchNorm2d.convert_frozen_batchnorm)
+    bottom_up = TinyResNetBackbone(body, out_features)
     return FPN(
         bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        in_features=list(fpn_in_features),
         out_channels=out_channels,
-        norm=cfg.MODEL.FPN.NORM,
+        norm=fpn_norm,
         top_block=LastLevelP6P7(bottom_up.output_shape()["res5"].channels, out_channels),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        fuse_type=fuse_type,
     )
