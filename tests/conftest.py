@@ -46,4 +46,9 @@ def device() -> torch.device:
     reason = _unavailable_reason(dev)
     if reason:
         pytest.skip(reason)
+    if dev.type == "cuda":
+        # Full float32 convolutions and matrix products (no TF32), so that results can be
+        # compared with the CPU's; autocast tests choose their precision themselves.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return dev

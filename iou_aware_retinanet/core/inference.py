@@ -196,7 +196,9 @@ def detect_image(
         boxes, scores, classes, cls_scores = boxes[finite], scores[finite], classes[finite], cls_scores[finite]
         iou_values = iou_values[finite] if iou_values is not None else None
 
-    keep = batched_nms(boxes.float(), scores, classes, nms_thresh)[:max_detections]
+    # NMS in float32 (torchvision's kernels refuse mixed types): scores of a float16 /
+    # bfloat16 head keep their type in the detections, as Detectron2's do under autocast.
+    keep = batched_nms(boxes.float(), scores.float(), classes, nms_thresh)[:max_detections]
     return boxes[keep], scores[keep], classes[keep], cls_scores[keep], iou_values[keep] if iou_values is not None else None
 
 

@@ -172,7 +172,13 @@ def dense_detection_losses(
     tensor per image. Returns {"loss_cls", "loss_box_reg"[, "loss_iou"]} as
     (N,) tensors, plus "num_foreground" (N,) and, with the IoU branch,
     ``IOU_TARGET_ENTROPY`` (N,): the floor of loss_iou (no gradient, not a loss).
+
+    Under autocast the head's outputs come in float16 / bfloat16: every loss (focal
+    terms, decoded boxes, IoU targets, the matched GT boxes) is computed from their
+    float32 copies, as Detectron2 keeps its RetinaNet's losses in float32.
     """
+    cls_logits, box_deltas = cls_logits.float(), box_deltas.float()
+    iou_logits = iou_logits.float() if iou_logits is not None else None
     num_images = cls_logits.shape[0]
     labels = torch.stack([a.labels for a in assignments])
     matched = torch.stack([a.matched_gt for a in assignments])

@@ -26,9 +26,11 @@ def detached_predictions(
 ) -> List[Predictions]:
     """What the dynamic assigners look at: per image, detached class probabilities,
     decoded boxes and IoU predictions. cls_logits (N, A, K), box_deltas (N, A, 4),
-    iou_logits (N, A) or None, anchors (A, 4) shared by the batch."""
-    probs = cls_logits.detach().sigmoid()
-    ious = iou_logits.detach().sigmoid() if iou_logits is not None else None
+    iou_logits (N, A) or None, anchors (A, 4) shared by the batch. float32 whatever the
+    outputs' type (autocast): the assigners' metrics (e.g. s^alpha * u^beta) and their
+    float32 buffers need it."""
+    probs = cls_logits.detach().float().sigmoid()
+    ious = iou_logits.detach().float().sigmoid() if iou_logits is not None else None
     return [
         Predictions(
             cls_probs=probs[i],
