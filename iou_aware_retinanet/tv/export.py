@@ -30,13 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_write
+from ..core import export as core_export
 from .engine import load_model
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
 OUTPUT_NAMES = ("boxes", "scores", "labels", "cls_scores", "pred_ious")
-ONNX_OPSET = 17
 
 
 class ExportableDetector(nn.Module):
@@ -56,9 +56,7 @@ class ExportableDetector(nn.Module):
 
 def example_image(cfg) -> Tensor:
     """A deterministic image of the test size (the trace's example input)."""
-    size = int(cfg.INPUT.MIN_SIZE_TEST)
-    generator = torch.Generator().manual_seed(0)
-    return torch.rand(3, size, size, generator=generator)
+    return core_export.example_image(int(cfg.INPUT.MIN_SIZE_TEST))
 
 
 def export_model(model: nn.Module, example: Tensor, output: str, fmt: str = "onnx") -> str:
@@ -73,13 +71,8 @@ def export_model(model: nn.Module, example: Tensor, output: str, fmt: str = "onn
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(wrapper, (example,), check_trace=False), f)
         else:
-            try:
-                import onnx  # noqa: F401  (the exporter needs it)
-            except ImportError:
-                raise ImportError("ONNX export needs the onnx package: pip install -e '.[export]'") from None
-            torch.onnx.export(
-                wrapper, (example,), f, dynamo=False, opset_version=ONNX_OPSET,
-                input_names=["image"], output_names=list(OUTPUT_NAMES),
+            core_export.onnx_export(
+                wrapper, (example,), f, input_names=["image"], output_names=OUTPUT_NAMES,
                 dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in OUTPUT_NAMES}},
             )  # fmt: skip
     logger.info("Exported %s (%s)", output, fmt)
