@@ -21,9 +21,7 @@ from iou_aware_retinanet.d2.datasets import (
     CheckedCOCOEvaluator, FileNamingDatasetMapper, check_num_classes, check_test_images, check_train_images,
 )
 from iou_aware_retinanet.d2.entry import CheckedCheckpointer, check_eval_weights, check_weights_file, setup_project_cfg
-from iou_aware_retinanet.run_folder import (
-    RunLock, check_config_replaceable, check_resume_config, refuse_to_overwrite_a_run, remove_orphaned_temporaries,
-)
+from iou_aware_retinanet.run_folder import check_config_replaceable, claim_output_dir
 
 # The OUTPUT_DIR locks this process holds (one per folder), released when main returns.
 _RUN_LOCKS = {}
@@ -76,7 +74,7 @@ def setup(args):
     check_weights_file(cfg.MODEL.WEIGHTS, allow_pickle=getattr(args, "allow_pickle", False))
     if args.eval_only:
         check_eval_weights(cfg, resume=args.resume)
-    claim_output_dir(cfg, args)  # before default_setup writes config.yaml and log.txt there
+    _claim_output_dir(cfg, args)  # before default_setup writes config.yaml and log.txt there
     # --eval-only logs and saves its config in OUTPUT_DIR/inference, beside its results:
     # the run's own config.yaml in OUTPUT_DIR stays the one it was trained with.
     default_setup(_with_output_dir(cfg, os.path.join(cfg.OUTPUT_DIR, "inference")) if args.eval_only else cfg, args)
@@ -103,28 +101,18 @@ def _with_output_dir(cfg, output_dir: str):
     return cfg
 
 
-def claim_output_dir(cfg, args) -> None:
-    """OUTPUT_DIR's rules (as the torchvision engine's): a training run holds the folder's lock; a
-    new run never goes into a folder holding a run; ``--resume`` continues only under the run's
-    config; a ``config.yaml`` that is not a config this project saved is never replaced;
-    temporary files a kill left behind are removed. Checked before anything is written."""
-    dump = cfg.dump()
+def _claim_output_dir(cfg, args) -> None:
+    """OUTPUT_DIR's rules, the torchvision engine's (:func:`iou_aware_retinanet.run_folder.claim_output_dir`):
+    the folder's lock, no new run into a finished one, ``--resume`` only under the run's config, no
+    user's ``config.yaml`` replaced, temporaries of interrupted writes removed; before anything is written."""
     if args.eval_only:
-        check_config_replaceable(os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"), dump)
+        check_config_replaceable(os.path.join(cfg.OUTPUT_DIR, "inference", "config.yaml"), cfg.dump())
         return
     folder = os.path.realpath(cfg.OUTPUT_DIR)
-    if comm.is_main_process() and folder not in _RUN_LOCKS:
-        _RUN_LOCKS[folder] = RunLock(cfg.OUTPUT_DIR)  # a second run into this folder fails here
-    saved = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
-    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")) and os.path.isfile(saved):
-        check_resume_config(saved, dump)
-    else:
-        if not args.resume:
-            refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
-        check_config_replaceable(saved, dump)
-    if comm.is_main_process():
-        for name in remove_orphaned_temporaries(cfg.OUTPUT_DIR):
-            logging.getLogger("detectron2").warning("Removed %s, left by an interrupted write", name)
+    holds = folder in _RUN_LOCKS  # this process already holds it (setup called again)
+    lock = claim_output_dir(cfg.OUTPUT_DIR, cfg.dump(), args.resume, lock=comm.is_main_process() and not holds)
+    if lock is not None:
+        _RUN_LOCKS[folder] = lock
 
 
 def main(args):

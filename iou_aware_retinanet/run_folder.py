@@ -15,6 +15,7 @@ owns is overwritten, one run at a time, a resume continues the same run.
   agree (:func:`check_resume_config`): a resume with another assigner, batch size or
   ``NUM_CLASSES`` would silently train a mixture of two runs.
 """
+import logging
 import os
 import re
 from typing import Dict, List, Optional
@@ -25,8 +26,10 @@ from .atomic import atomic_write
 
 __all__ = [
     "RunLock", "RUN_LOCK", "run_files", "refuse_to_overwrite_a_run", "save_config", "check_resume_config",
-    "RESUME_MAY_CHANGE", "check_config_replaceable", "remove_orphaned_temporaries",
+    "RESUME_MAY_CHANGE", "check_config_replaceable", "remove_orphaned_temporaries", "claim_output_dir",
 ]  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 RUN_LOCK = "run.lock"
 _CHECKPOINT = re.compile(r"^model_(\d+|final)\.pth$")
@@ -196,3 +199,28 @@ def save_config(cfg, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as f:
         f.write(dump)
+
+
+def claim_output_dir(output_dir: str, dump: str, resume: bool, lock: bool = True) -> Optional[RunLock]:
+    """What a training run checks of ``output_dir`` before it writes anything there (both
+    front-ends): it takes the folder's lock (``lock``: the process that writes), refuses a
+    new run into a folder holding one, a ``--resume`` under another config (``dump``: the
+    new run's ``cfg.dump()``) and a ``config.yaml`` the project did not save, and removes
+    the temporaries of interrupted writes. Returns the lock to release when the run ends."""
+    run_lock = RunLock(output_dir) if lock else None
+    try:
+        saved = os.path.join(output_dir, "config.yaml")
+        if resume and os.path.isfile(os.path.join(output_dir, "last_checkpoint")) and os.path.isfile(saved):
+            check_resume_config(saved, dump)
+        else:
+            if not resume:
+                refuse_to_overwrite_a_run(output_dir)
+            check_config_replaceable(saved, dump)
+        if lock:
+            for name in remove_orphaned_temporaries(output_dir):
+                logger.warning("Removed %s, left in %s by an interrupted write", name, output_dir)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        raise
+    return run_lock

@@ -7,9 +7,9 @@ model as if they were real, so there every tensor must come from the file
 ``--resume``) may load a part, e.g. ImageNet weights into the backbone, but not
 nothing.
 """
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Mapping, Sequence, Tuple
 
-__all__ = ["WeightsMismatchError", "check_weights_fit", "IGNORED_MISSING"]
+__all__ = ["WeightsMismatchError", "check_weights_fit", "check_state_dict_fits", "IGNORED_MISSING"]
 
 # Tensors that are no weights: BatchNorm's step counter, the torchvision model's
 # moving average of the loss normalizer (training statistics inference does not use).
@@ -62,3 +62,16 @@ def check_weights_fit(
         f"{path} does not fit this model: {lead} ({'; '.join(examples)}{'; ...' if len(missing) > _SHOWN else ''}). "
         f"{hint[0].upper()}{hint[1:]} {need}"
     )
+
+
+def check_state_dict_fits(path: str, model_state: Mapping, file_state: Mapping, require_all: bool = True, purpose: str = "resume") -> None:
+    """:func:`check_weights_fit` of the state dict ``file_state`` (read from ``path``) against
+    ``model_state``, before loading it (e.g. with ``load_state_dict(strict=True)``, whose own
+    error names neither the file nor what to change)."""
+    missing = [k for k in model_state if k not in file_state]
+    shapes = [
+        (k, tuple(file_state[k].shape), tuple(v.shape))
+        for k, v in model_state.items()
+        if k in file_state and hasattr(file_state[k], "shape") and tuple(file_state[k].shape) != tuple(v.shape)
+    ]  # fmt: skip
+    check_weights_fit(path, model_state.keys(), missing, shapes, require_all=require_all, purpose=purpose)
