@@ -199,7 +199,8 @@ def test_losses_of_autocast_outputs_are_float32(device, name):
     expected = _losses([t.float() for t in low], anchors, gt_boxes, gt_classes, name, config)
     for key, value in expected.items():
         assert losses[key].dtype == value.dtype, key
-        assert torch.equal(losses[key], value), key
+        # Not bit-equal on CUDA: its per-image sums (index_add) are atomic, in any order.
+        torch.testing.assert_close(losses[key], value, rtol=1e-5, atol=1e-5, msg=key)
     assert losses["loss_cls"].dtype == torch.float32
 
 

@@ -147,13 +147,16 @@ def test_tv_losses_of_autocast_outputs_are_those_of_float32(device):
     model = tv_model(device)
     images, targets = tv_batch(device, seed=4, num_gt=(80, 0, 60))  # 309 positives in the first image
     seen = {}
+    # The method the training forward pass hands its head outputs to.
+    hook = "compute_loss_and_metrics" if hasattr(model, "compute_loss_and_metrics") else "compute_loss"
+    real = getattr(model, hook)
     compute_loss = model.compute_loss
 
     def spy(targets_, head_outputs, anchors, *args, **kwargs):
         seen.update(targets=targets_, head_outputs=head_outputs, anchors=anchors, args=args, kwargs=kwargs)
-        return compute_loss(targets_, head_outputs, anchors, *args, **kwargs)
+        return real(targets_, head_outputs, anchors, *args, **kwargs)
 
-    model.compute_loss = spy
+    setattr(model, hook, spy)
     _train_step(model, images, targets, amp=True)
     low = {k: v.detach() for k, v in seen["head_outputs"].items()}
     assert low["cls_logits"].dtype == amp_dtype(device)
@@ -164,8 +167,9 @@ def test_tv_losses_of_autocast_outputs_are_those_of_float32(device):
         expected = compute_loss(seen["targets"], {k: v.float() for k, v in low.items()}, seen["anchors"],
                                 *seen["args"], **seen["kwargs"])  # fmt: skip
     assert positives > 256, "the test needs more positives than bfloat16 counts exactly"
-    for key, value in expected.items():
-        assert losses[key].dtype == torch.float32 and torch.equal(losses[key], value), key
+    for key, value in expected.items():  # 309 / 308 would be 3e-3 off
+        assert losses[key].dtype == torch.float32, key
+        torch.testing.assert_close(losses[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _first_image_assignment_inputs(model, seen):
