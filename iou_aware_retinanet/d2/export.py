@@ -35,7 +35,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
 from detectron2.export import TracingAdapter, scripting_with_instances
@@ -44,7 +43,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..atomic import atomic_write
 from ..core.export import example_image, onnx_export
-from .entry import check_weights_file, setup_project_cfg
+from .entry import CheckedCheckpointer, check_weights_file, setup_project_cfg
 
 __all__ = [
     "EXPORT_METHODS", "FORMATS", "output_fields", "script_model", "scripted_to_instances", "trace_model",
@@ -194,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     path = output_path(args.output, args.format, weights)
     inputs = sample_inputs(cfg, args.sample_image) if args.export_method == "tracing" else None
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    # No code from the file; every weight of the model from it.
+    CheckedCheckpointer(model, require_all=True, allow_pickle=args.allow_pickle).load(weights, checkpointables=[])
     export_model(model, path, args.export_method, args.format, inputs)
     print(f"exported ({args.export_method}, {args.format}): {path}")
     return path

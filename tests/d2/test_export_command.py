@@ -15,6 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.postprocessing import detector_postprocess  # noqa: E402
 
 from iou_aware_retinanet.d2.export import main, output_fields, scripted_to_instances, traced_output_names  # noqa: E402
+from iou_aware_retinanet.weights_fit import WeightsMismatchError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,13 @@ def test_bad_requests_are_refused_before_anything_is_written(trained, tmp_path):
     with pytest.raises(ValueError, match="pickle"):
         _run(trained, tmp_path, weights=str(tmp_path / "weights.pkl"))
     assert not os.path.exists(tmp_path / "exported")
+
+
+def test_weights_that_do_not_fit_are_refused(trained, tmp_path):
+    """Weights of another model (here without the IoU branch) would export a partly random one."""
+    torch.manual_seed(0)
+    other = build_model(project_cfg(opts=["MODEL.IOU_AWARE.ENABLED", False]))
+    DetectionCheckpointer(other, save_dir=str(tmp_path)).save("plain_retinanet")
+    with pytest.raises(WeightsMismatchError, match="iou_pred"):
+        _run(trained, tmp_path, weights=str(tmp_path / "plain_retinanet.pth"))
+    assert not os.path.exists(tmp_path / "exported" / "model.ts")
