@@ -480,13 +480,9 @@ def time_pair(setting: Setting, pair: Pair, mode: str, state, inputs: tuple, rep
 def dense_outputs(model: nn.Module, images: List[Tensor]) -> dict:
     """Per-level head outputs of the first image, as post-processing receives them
     (probabilities, deltas, IoUs, anchors): the torchvision model's own forward,
-    stopped before post-processing (``return_dense_outputs``)."""
+    stopped before post-processing (``model.dense_outputs``)."""
     model.eval()
-    model.return_dense_outputs = True
-    try:
-        dense = model(images)
-    finally:
-        model.return_dense_outputs = False
+    dense = model.dense_outputs(images)
     heads = dense.head_outputs
     cls_probs, box_deltas, ious = image_predictions(heads["cls_logits"], heads["bbox_regression"], heads["iou_logits"], 0)
     return {

@@ -33,7 +33,9 @@ import torch
 from ..studies.recipe import MAIN_CONFIG
 from ..tv.cli import setup_cfg
 from ..tv.data import build_train_loader, load_train_records
-from ..tv.engine import Checkpointer, build_lr_scheduler, build_optimizer, do_train, run_step, seed_all
+from ..tv.checkpoint import Checkpointer
+from ..tv.engine import do_train, run_step, seed_all
+from ..tv.solver import build_lr_scheduler, build_optimizer
 from ..tv.model import build_model
 
 
@@ -52,7 +54,7 @@ def time_engine(cfg, records, iters: int) -> float:
         run_cfg.defrost()
         run_cfg.merge_from_list(["OUTPUT_DIR", out, "SOLVER.MAX_ITER", iters, "SOLVER.CHECKPOINT_PERIOD", iters, "TEST.EVAL_PERIOD", 0])
         run_cfg.freeze()
-        checkpointer = Checkpointer(out, model, optimizer, scheduler)
+        checkpointer = Checkpointer(model, out, optimizer=optimizer, scheduler=scheduler)
         start = time.perf_counter()
         do_train(run_cfg, model, optimizer, scheduler, checkpointer, 0, 0, records)
         return time.perf_counter() - start

@@ -12,19 +12,22 @@ loss was finite. ``model_final`` (no next loss) is checked for NaN / inf only.
 Files are written to a temporary name and renamed, so a crash mid-write leaves
 the previous checkpoint as the last one; a checkpoint truncated anyway (a full
 disk, a copy) is skipped on ``--resume`` for the newest older one that loads
-(:func:`resume_from_newest_readable`), as the torchvision engine does.
+(:func:`resume_from_newest_readable`), as the torchvision engine does. Both rules
+are :mod:`iou_aware_retinanet.faults`', shared by the two front-ends.
 """
 import copy
 import logging
 import os
-import pickle
 from typing import Callable, List, Optional
 
 import torch
 from detectron2.engine import HookBase, hooks
 
 from ..atomic import atomic_write
-from ..faults import NonFiniteLossError, last_good_note, non_finite_tensors, non_finite_weights_error, resume_candidates
+from ..faults import (
+    FiniteLossCheckpoints, NonFiniteLossError, last_good_note, load_newest_readable, non_finite_tensors,
+    non_finite_weights_error,
+)  # fmt: skip
 
 __all__ = ["FiniteCheckpointer", "use_finite_checkpointer", "name_last_good_checkpoint", "resume_from_newest_readable"]
 
@@ -32,51 +35,49 @@ logger = logging.getLogger(__name__)
 
 
 class FiniteCheckpointer(HookBase):
-    """Drop-in for ``hooks.PeriodicCheckpointer`` (same file names, same period)."""
+    """Drop-in for ``hooks.PeriodicCheckpointer`` (same file names, same period); when it
+    writes is :class:`~iou_aware_retinanet.faults.FiniteLossCheckpoints`' rule."""
 
     def __init__(self, checkpointer, period: int, file_prefix: str = "model"):
         self.checkpointer, self.period, self.file_prefix = checkpointer, int(period), file_prefix
-        self.max_iter: Optional[int] = None
-        self.pending: Optional[tuple] = None  # (name, state) of the last checkpoint iteration
+        self.schedule: Optional[FiniteLossCheckpoints] = None
         self.last_good: Optional[str] = None
 
     def before_train(self) -> None:
-        self.max_iter = self.trainer.max_iter
+        self.schedule = FiniteLossCheckpoints(
+            self.period, self.trainer.max_iter, self._state, self._write, self.file_prefix
+        )
         if self.checkpointer.has_checkpoint():  # resumed: that one is good
             self.last_good = self.checkpointer.get_checkpoint_file()
 
     def after_step(self) -> None:
-        iteration = self.trainer.iter
-        if self.pending is not None:  # this iteration's loss was finite: the state before it is good
-            self._write(*self.pending)
-            self.pending = None
-        if iteration + 1 >= self.max_iter:
-            self._write("model_final", self._state(iteration))
-        elif (iteration + 1) % self.period == 0:
-            self.pending = (f"{self.file_prefix}_{iteration:07d}", self._state(iteration))
+        # Detectron2 raised before the hooks if this iteration's loss was not finite.
+        self.schedule.loss_was_finite()
+        self.schedule.after_step(self.trainer.iter)
 
     def last_good_note(self) -> str:
         return last_good_note(self.last_good)
 
     def _state(self, iteration: int) -> dict:
-        # What Detectron2's Checkpointer.save(name, iteration=...) writes, copied now.
+        # What Detectron2's Checkpointer.save(name, iteration=...) writes, copied now: the
+        # file is written after the next step has changed the live objects.
         state = {"model": {k: v.detach().clone() for k, v in self.checkpointer.model.state_dict().items()}}
         for key, obj in self.checkpointer.checkpointables.items():
             state[key] = copy.deepcopy(obj.state_dict())
         state["iteration"] = iteration
         return state
 
-    def _write(self, name: str, state: dict) -> None:
+    def _write(self, name: str, iteration: int, state: dict) -> None:
         bad = non_finite_tensors(state["model"])
         if bad:
-            raise non_finite_weights_error(bad, state["iteration"], name, self.last_good)
+            raise non_finite_weights_error(bad, iteration, name, self.last_good)
         basename = f"{name}.pth"
         path = os.path.join(self.checkpointer.save_dir, basename)
         with atomic_write(path, "wb") as f:
             torch.save(state, f)
         self.checkpointer.tag_last_checkpoint(basename)
         self.last_good = path
-        logger.info("Saved checkpoint %s (iteration %d)", path, state["iteration"])
+        logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
 
 
 def use_finite_checkpointer(hook_list: List[HookBase]) -> List[HookBase]:
@@ -100,19 +101,9 @@ def resume_from_newest_readable(checkpointer, resume_or_load: Callable[[bool], N
     if not (resume and checkpointer.has_checkpoint()):
         resume_or_load(resume)
         return
-    named = checkpointer.get_checkpoint_file()
-    save_dir = checkpointer.save_dir
-    errors = []
-    for path in resume_candidates(save_dir, named):
-        try:  # mmap: parses the archive without reading the tensors (Detectron2 then loads it)
-            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-            errors.append(f"{path}: {e}")
-            logger.warning("Cannot read checkpoint %s (%s); trying an older one", path, e)
-            continue
-        if path != named:
-            logger.warning("%s is unreadable: resuming from the older checkpoint %s", named, path)
-            checkpointer.tag_last_checkpoint(os.path.basename(path))
-        resume_or_load(True)
-        return
-    raise RuntimeError(f"no readable checkpoint to resume from in {save_dir}:\n" + "\n".join(errors))
+
+    def parse(path):  # mmap: parses the archive without reading the tensors (Detectron2 then loads it)
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+    load_newest_readable(checkpointer.save_dir, checkpointer.get_checkpoint_file(), parse, checkpointer.tag_last_checkpoint)
+    resume_or_load(True)

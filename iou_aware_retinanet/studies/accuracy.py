@@ -156,31 +156,27 @@ def collect_outputs(model, cfg, dataset_name: str):
     """Run ``model`` once over ``dataset_name``; returns (outputs per image, the dataset)."""
     loader = build_test_loader(cfg, dataset_name)
     model.eval()
-    model.return_dense_outputs = True
     items = []
-    try:
-        for images, targets in loader:
-            dense = model(images)
-            heads = dense.head_outputs
-            for i, target in enumerate(targets):
-                cls_probs, box_deltas, ious = image_predictions(
-                    heads["cls_logits"], heads["bbox_regression"], heads.get("iou_logits"), i
+    for images, targets in loader:
+        dense = model.dense_outputs(images)
+        heads = dense.head_outputs
+        for i, target in enumerate(targets):
+            cls_probs, box_deltas, ious = image_predictions(
+                heads["cls_logits"], heads["bbox_regression"], heads.get("iou_logits"), i
+            )
+            items.append(
+                ImageOutputs(
+                    image_id=int(target["image_id"]),
+                    cls_probs=cls_probs,
+                    box_deltas=box_deltas,
+                    ious=ious,
+                    anchors=dense.anchors[i],
+                    image_size=tuple(dense.image_sizes[i]),
+                    original_size=tuple(dense.original_image_sizes[i]),
+                    gt_boxes=target["boxes"],
+                    gt_classes=target["labels"],
                 )
-                items.append(
-                    ImageOutputs(
-                        image_id=int(target["image_id"]),
-                        cls_probs=cls_probs,
-                        box_deltas=box_deltas,
-                        ious=ious,
-                        anchors=dense.anchors[i],
-                        image_size=tuple(dense.image_sizes[i]),
-                        original_size=tuple(dense.original_image_sizes[i]),
-                        gt_boxes=target["boxes"],
-                        gt_classes=target["labels"],
-                    )
-                )
-    finally:
-        model.return_dense_outputs = False
+            )
     return items, loader.data
 
 

@@ -19,8 +19,9 @@ starts from its initialisation.
 :class:`Checkpointer` is fvcore's ``Checkpointer`` (Detectron2's file layout:
 ``{"model": ..., <checkpointable>: state_dict, **extra}`` and a
 ``last_checkpoint`` file naming the newest) with reads through
-``torch.load(weights_only=True)`` and atomic writes; the training engine's
-checkpointer (:class:`.engine.Checkpointer`) builds on it.
+``torch.load(weights_only=True)``, atomic writes, NaN / inf weights refused
+and an exact resume (:meth:`Checkpointer.resume`): the training engine's and
+the user's one checkpointer.
 """
 import logging
 import os
@@ -32,6 +33,8 @@ from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
 from torch import nn
 
 from ..atomic import atomic_write
+from ..faults import last_good_note, load_newest_readable, non_finite_tensors, non_finite_weights_error
+from . import distributed as comm
 from .config import check_weights_path
 
 logger = logging.getLogger(__name__)
@@ -161,7 +164,12 @@ class Checkpointer(_FvcoreCheckpointer):
       the file in its errors and requires a ``"model"`` entry;
     * :meth:`save` and :meth:`tag_last_checkpoint` write atomically (fvcore
       writes in place: a kill mid-write leaves a truncated newest checkpoint);
-      :meth:`save` returns the path and takes the model ``state`` to write;
+      :meth:`save` refuses NaN / inf weights (:class:`~..faults.NonFiniteWeightsError`,
+      naming the last good checkpoint), returns the path and takes the model
+      ``state`` to write; under torchrun only rank 0 writes;
+    * :meth:`resume` restores model (strictly: every tensor, or fail),
+      checkpointables and extras from ``last_checkpoint``, falling back to the
+      newest older readable ``model_*.pth`` when that one is truncated;
     * :meth:`get_checkpoint_file` fails when ``last_checkpoint`` names a file that
       is not there (fvcore returns the path, which then fails as "not found").
 
@@ -169,24 +177,64 @@ class Checkpointer(_FvcoreCheckpointer):
     """
 
     def __init__(self, model: nn.Module, save_dir: str = "", **checkpointables):
-        super().__init__(model, save_dir, **checkpointables)
+        super().__init__(model, save_dir, save_to_disk=comm.is_main_process(), **checkpointables)
         self.logger = logger
+        self.last_saved: Optional[str] = None  # the newest checkpoint written or resumed from
+
+    def last_good_note(self) -> str:
+        return last_good_note(self.last_saved)
 
     def save(self, name: str, state: Optional[Mapping] = None, **extra) -> Optional[str]:
         """Write ``save_dir/<name>.pth`` atomically and name it in ``last_checkpoint``:
         ``{"model": state or model.state_dict(), <checkpointable>: its state_dict(), **extra}``.
-        ``extra`` must be readable with ``weights_only=True``. Returns the path (None without a ``save_dir``)."""
-        if not self.save_dir or not self.save_to_disk:
+        ``extra`` must be readable with ``weights_only=True``. Returns the path (None without a
+        ``save_dir``); raises NonFiniteWeightsError, writing nothing, for NaN / inf weights."""
+        if not self.save_dir:
             return None
-        data = {"model": self.model.state_dict() if state is None else state}
-        data.update((key, obj.state_dict()) for key, obj in self.checkpointables.items())
-        data.update(extra)
-        os.makedirs(self.save_dir, exist_ok=True)
+        state = self.model.state_dict() if state is None else state
+        bad = non_finite_tensors(state)
+        if comm.get_world_size() > 1:
+            bad = comm.broadcast_object(bad)  # rank 0's verdict: every rank raises together, or none
+        if bad:
+            raise non_finite_weights_error(bad, extra.get("iteration"), name, self.last_saved)
         path = os.path.join(self.save_dir, f"{name}.pth")
-        with atomic_write(path, "wb") as f:
-            torch.save(data, f)
-        self.tag_last_checkpoint(os.path.basename(path))
+        if self.save_to_disk:  # rank 0 (the weights are the same on every rank)
+            data = {"model": state}
+            data.update((key, obj.state_dict()) for key, obj in self.checkpointables.items())
+            data.update(extra)
+            os.makedirs(self.save_dir, exist_ok=True)
+            with atomic_write(path, "wb") as f:
+                torch.save(data, f)
+            self.tag_last_checkpoint(os.path.basename(path))
+        self.last_saved = path
+        logger.info("Saved checkpoint %s%s", path, f" (iteration {extra['iteration']})" if "iteration" in extra else "")
         return path
+
+    def resume(self, required=("iteration",)) -> Optional[dict]:
+        """Load ``last_checkpoint`` into the model and checkpointables; None when there is none.
+
+        Returns what else the checkpoint holds (e.g. ``iteration``, ``seed``); a
+        checkpoint without a checkpointable or a ``required`` entry is refused."""
+        if not self.has_checkpoint():
+            return None
+        checkpoint, path = load_newest_readable(
+            self.save_dir, self.get_checkpoint_file(), self._load_file, self._retag
+        )
+        missing = [key for key in (*self.checkpointables, *required) if key not in checkpoint]
+        if missing:
+            raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
+        # Strict, unlike fvcore's load (which skips mismatched shapes and missing keys with a
+        # warning): a resume restores every tensor of this model, or fails.
+        self.model.load_state_dict(checkpoint.pop("model"))
+        for key, obj in self.checkpointables.items():
+            obj.load_state_dict(checkpoint.pop(key))
+        self.last_saved = path
+        logger.info("Resuming from %s%s", path, f" (iteration {checkpoint['iteration']})" if "iteration" in checkpoint else "")
+        return checkpoint
+
+    def _retag(self, basename: str) -> None:
+        if self.save_to_disk:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         write_last_checkpoint(self.save_dir, last_filename_basename)

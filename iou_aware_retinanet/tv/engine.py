@@ -8,23 +8,21 @@
     model = load_model(cfg, "output/.../model_final.pth")
     result = evaluate(cfg, model, "shapes_val")   # metrics and COCO detections
 
-What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
+The loop, as Detectron2's ``DefaultTrainer``; its parts live where Detectron2
+keeps them: the optimizer, gradient clipping and learning-rate schedules in
+:mod:`.solver`, checkpoints in :mod:`.checkpoint` (when they are written:
+:class:`~iou_aware_retinanet.faults.FiniteLossCheckpoints`), metrics and logs
+in :mod:`.events`. What :func:`train` does:
 
-* SGD with Detectron2's parameter groups (``SOLVER.WEIGHT_DECAY_NORM`` for
-  normalization layers, ``SOLVER.BIAS_LR_FACTOR`` / ``WEIGHT_DECAY_BIAS`` for
-  biases), optional per-parameter gradient clipping
-  (``SOLVER.CLIP_GRADIENTS``), and the ``WarmupMultiStepLR`` /
-  ``WarmupCosineLR`` schedules, fvcore's ParamSchedulers composed as
-  Detectron2's ``build_lr_scheduler`` does: the learning rate of iteration
-  ``i`` is ``BASE_LR * f(i / MAX_ITER)``, Detectron2's to the last bit;
+* SGD with Detectron2's parameter groups, clipping and schedules (:mod:`.solver`);
 * a tqdm progress bar (losses, learning rate, it/s); every 20 iterations a
   line in ``OUTPUT_DIR/log.txt`` and a json object in
   ``OUTPUT_DIR/metrics.json`` (window medians of the losses, as Detectron2);
 * a checkpoint ``model_<iter>.pth`` after every ``SOLVER.CHECKPOINT_PERIOD``
-  iterations and ``model_final.pth`` at the end, each written atomically,
-  ``last_checkpoint`` naming the newest (fvcore's ``Checkpointer``, see
-  :class:`.checkpoint.Checkpointer`); they hold the model, optimizer,
-  scheduler, iteration and seed, and load with ``torch.load(weights_only=True)``;
+  iterations (written once the next iteration's loss is finite) and
+  ``model_final.pth`` at the end, each written atomically, ``last_checkpoint``
+  naming the newest; they hold the model, optimizer, scheduler, iteration and
+  seed, and load with ``torch.load(weights_only=True)``;
 * ``resume=True`` continues from ``last_checkpoint``: the data order, the
   flips and the global RNG are functions of ``(seed, iteration)``
   (:mod:`.data`; the global generator is reseeded each iteration), so a
@@ -37,15 +35,11 @@ What :func:`train` does, as Detectron2's ``DefaultTrainer`` would:
   batch, split over the processes; DistributedDataParallel for the training
   step; rank 0 alone writes files; evaluation sharded over the processes.
 """
-import contextlib
 import datetime
 import inspect
-import json
 import logging
-import math
 import os
 import random
-import statistics
 import sys
 import time
 from collections import OrderedDict
@@ -53,37 +47,28 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from fvcore.common.param_scheduler import (
-    CompositeParamScheduler,
-    ConstantParamScheduler,
-    CosineParamScheduler,
-    LinearParamScheduler,
-    MultiStepParamScheduler,
-    ParamScheduler,
-)
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint as _checkpoint
-from .checkpoint import load_checkpoint, load_weights, write_last_checkpoint
 from ..atomic import atomic_write
 from ..data.coco import read_image_rgb
-from ..faults import (
-    NonFiniteLossError, NonFiniteWeightsError, last_good_note, non_finite_tensors, non_finite_weights_error,
-    resume_candidates,
-)  # fmt: skip
+from ..faults import FiniteLossCheckpoints, NonFiniteLossError, NonFiniteWeightsError, non_finite_tensors
+from .checkpoint import Checkpointer, load_weights
 from .data import (
     build_train_loader, check_batch_divisible, dataset_class_names, derive_seed, load_dataset, load_train_records,
     resolve_dataset,
 )  # fmt: skip
 from .evaluation import EvaluationResult, check_num_classes, curve_table, safe_folder_name, evaluate, evaluation_points, format_metrics_table, read_metrics
 from .config import check_cfg
+from .events import LOG_PERIOD, MetricsWriter, console_filter, log_to_file
 from .model import build_model
+from .solver import (
+    NORM_MODULE_TYPES, LRMultiplier, build_lr_scheduler, build_optimizer, clip_gradients, get_default_optimizer_params,
+    lr_multiplier,
+)  # fmt: skip
 from . import distributed as comm
 
 logger = logging.getLogger(__name__)
-# Every-20-iterations lines: log.txt only (the console has the progress bar).
-progress_logger = logging.getLogger(__name__ + ".progress")
 
 __all__ = [
     "NonFiniteLossError",
@@ -101,12 +86,6 @@ __all__ = [
     "seed_all",
     "train",
 ]
-
-LOG_PERIOD = 20
-NORM_MODULE_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- seeds
@@ -130,373 +109,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def get_default_optimizer_params(
-    model: nn.Module,
-    base_lr: float,
-    weight_decay: float,
-    weight_decay_norm: Optional[float] = None,
-    bias_lr_factor: float = 1.0,
-    weight_decay_bias: Optional[float] = None,
-) -> List[dict]:
-    """Detectron2's parameter groups: normalization parameters get ``weight_decay_norm``;
-    parameters named ``bias`` get ``base_lr * bias_lr_factor`` and, when set,
-    ``weight_decay_bias`` (which then wins over ``weight_decay_norm`` for norm
-    biases, as in Detectron2). Frozen and shared parameters are counted once.
-    Parameters with equal hyper-parameters share a group, in model order."""
-    groups: "OrderedDict[tuple, List[nn.Parameter]]" = OrderedDict()
-    seen = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            lr, decay = base_lr, weight_decay
-            if isinstance(module, NORM_MODULE_TYPES) and weight_decay_norm is not None:
-                decay = weight_decay_norm
-            if name == "bias":
-                lr = base_lr * bias_lr_factor
-                if weight_decay_bias is not None:
-                    decay = weight_decay_bias
-            groups.setdefault((lr, decay), []).append(param)
-    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
-
-
-def build_optimizer(cfg, model: nn.Module) -> torch.optim.SGD:
-    """SGD over :func:`get_default_optimizer_params` (Detectron2's ``build_optimizer``)."""
-    solver = cfg.SOLVER
-    params = get_default_optimizer_params(
-        model,
-        base_lr=solver.BASE_LR,
-        weight_decay=solver.WEIGHT_DECAY,
-        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
-        bias_lr_factor=solver.BIAS_LR_FACTOR,
-        weight_decay_bias=solver.WEIGHT_DECAY_BIAS,
-    )
-    return torch.optim.SGD(
-        params, lr=solver.BASE_LR, momentum=solver.MOMENTUM, nesterov=solver.NESTEROV,
-        weight_decay=solver.WEIGHT_DECAY,
-    )
-
-
-def clip_gradients(cfg, optimizer: torch.optim.Optimizer) -> None:
-    """``SOLVER.CLIP_GRADIENTS``, per parameter as Detectron2 does: each parameter's
-    gradient values ("value") or gradient norm ("norm") is clipped on its own."""
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    if not clip.ENABLED:
-        return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if clip.CLIP_TYPE == "value":
-                torch.nn.utils.clip_grad_value_(param, clip.CLIP_VALUE)
-            else:
-                torch.nn.utils.clip_grad_norm_(param, clip.CLIP_VALUE, clip.NORM_TYPE)
-
-
-# --------------------------------------------------------------------------- learning rate
-
-
-def _steps(cfg) -> List[int]:
-    steps = [int(s) for s in cfg.SOLVER.STEPS]
-    kept = [s for s in steps if s <= cfg.SOLVER.MAX_ITER]
-    if len(kept) != len(steps):
-        logger.warning("SOLVER.STEPS %s: values beyond SOLVER.MAX_ITER %d are ignored", steps, cfg.SOLVER.MAX_ITER)
-    return kept
-
-
-def _multi_step(cfg) -> MultiStepParamScheduler:
-    """``GAMMA ** (number of STEPS <= iteration)``. fvcore wants milestones strictly inside
-    (0, MAX_ITER): a step at 0 (or repeated) goes into the values instead, and one at
-    MAX_ITER changes no trained iteration. For the usual increasing steps in between
-    these are Detectron2's values, ``GAMMA ** k``."""
-    steps = _steps(cfg)
-    milestones = sorted({s for s in steps if 0 < s < cfg.SOLVER.MAX_ITER})
-    values = [cfg.SOLVER.GAMMA ** sum(s <= m for s in steps) for m in [0] + milestones]
-    return MultiStepParamScheduler(values=values, milestones=milestones, num_updates=cfg.SOLVER.MAX_ITER)
-
-
-def _with_warmup(schedule: ParamScheduler, factor: float, length: float, method: str) -> CompositeParamScheduler:
-    """``schedule`` preceded by a warmup over the first ``length`` (a fraction) of training:
-    "linear" from ``factor * schedule(0)`` to ``schedule(length)``, "constant" at the former.
-
-    Detectron2's ``WarmupParamScheduler`` (without ``RESCALE_INTERVAL``, a key this
-    front-end does not have), composed here from fvcore's schedulers: fvcore has no
-    warmup scheduler and this front-end must run without Detectron2.
-    """
-    start = factor * schedule(0.0)
-    if method == "constant":
-        warmup = ConstantParamScheduler(start)
-    elif method == "linear":
-        warmup = LinearParamScheduler(start, schedule(length))
-    else:
-        raise ValueError(f"SOLVER.WARMUP_METHOD={method!r}; supported: 'linear', 'constant'")
-    return CompositeParamScheduler(
-        [warmup, schedule], lengths=[length, 1.0 - length], interval_scaling=["rescaled", "fixed"]
-    )
-
-
-def lr_multiplier(cfg) -> ParamScheduler:
-    """The learning rate divided by the base one, as a function of ``where = iteration / MAX_ITER``.
-
-    WarmupMultiStepLR: ``GAMMA ** (number of STEPS <= iteration)``; WarmupCosineLR:
-    from 1 down to ``BASE_LR_END / BASE_LR`` over ``MAX_ITER``. Before
-    ``WARMUP_ITERS`` (capped at ``MAX_ITER``): "linear" goes from
-    ``WARMUP_FACTOR`` times the schedule's value at 0 to its value at the end
-    of the warmup; "constant" stays at the former.
-    """
-    solver = cfg.SOLVER
-    if solver.LR_SCHEDULER_NAME == "WarmupMultiStepLR":
-        schedule = _multi_step(cfg)
-    elif solver.LR_SCHEDULER_NAME == "WarmupCosineLR":
-        schedule = CosineParamScheduler(1.0, solver.BASE_LR_END / solver.BASE_LR)
-    else:
-        raise ValueError(
-            f"SOLVER.LR_SCHEDULER_NAME={solver.LR_SCHEDULER_NAME!r}; supported: 'WarmupMultiStepLR', 'WarmupCosineLR'"
-        )
-    length = min(solver.WARMUP_ITERS / solver.MAX_ITER, 1.0)
-    return _with_warmup(schedule, solver.WARMUP_FACTOR, length, solver.WARMUP_METHOD)
-
-
-class LRMultiplier(torch.optim.lr_scheduler.LRScheduler):
-    """``lr = initial_lr * multiplier(last_epoch / max_iter)`` for every group; ``step()`` after each iteration.
-
-    Detectron2's ``LRMultiplier``, written here (fvcore has none; Detectron2 may
-    not be imported by this front-end). Its ``state_dict`` is the position
-    only: the schedule itself comes from the config, so a resumed run may
-    change e.g. ``SOLVER.STEPS``. It holds the keys the earlier hand-written
-    scheduler saved (``_step_count`` and ``_last_lr`` too, which Detectron2's
-    drops), so checkpoints of either resume exactly.
-    """
-
-    _STATE = ("last_epoch", "base_lrs", "_step_count", "_last_lr")
-
-    def __init__(self, optimizer, multiplier: ParamScheduler, max_iter: int, last_iter: int = -1):
-        if not isinstance(multiplier, ParamScheduler):
-            raise TypeError(f"multiplier must be an fvcore ParamScheduler, got {type(multiplier).__name__}")
-        self._multiplier, self._max_iter = multiplier, max_iter
-        super().__init__(optimizer, last_iter)
-
-    def get_lr(self) -> List[float]:
-        multiplier = self._multiplier(self.last_epoch / self._max_iter)
-        return [base * multiplier for base in self.base_lrs]
-
-    def state_dict(self) -> dict:
-        return {key: self.__dict__[key] for key in self._STATE if key in self.__dict__}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        missing = [key for key in ("last_epoch", "base_lrs") if key not in state_dict]
-        if missing:
-            raise ValueError(f"the checkpoint's scheduler state has no {', '.join(missing)}: cannot resume its position")
-        self.__dict__.update({key: state_dict[key] for key in self._STATE if key in state_dict})
-
-
-def build_lr_scheduler(cfg, optimizer) -> LRMultiplier:
-    """Detectron2's ``build_lr_scheduler``: :func:`lr_multiplier` driving every group of ``optimizer``."""
-    return LRMultiplier(optimizer, lr_multiplier(cfg), max_iter=cfg.SOLVER.MAX_ITER)
-
-
-# --------------------------------------------------------------------------- checkpoints and logs
-
-
-class Checkpointer(_checkpoint.Checkpointer):
-    """Saves and restores everything an exact resume needs, in ``output_dir``.
-
-    fvcore's ``Checkpointer`` through :class:`.checkpoint.Checkpointer` (weights_only
-    reads, atomic writes), with: saving refused for NaN / inf weights, BatchNorm
-    buffers given by the caller, a strict model load on resume, and a fallback to
-    the newest older readable checkpoint when the named one is truncated.
-    """
-
-    def __init__(self, output_dir: str, model, optimizer, scheduler):
-        super().__init__(model, output_dir, optimizer=optimizer, scheduler=scheduler)
-        self.output_dir, self.optimizer, self.scheduler = output_dir, optimizer, scheduler
-        self.last_saved: Optional[str] = None  # the newest checkpoint written or resumed from
-        self._loaded: Optional[str] = None  # the file _load_file read
-
-    def last_good_note(self) -> str:
-        return last_good_note(self.last_saved)
-
-    def save(self, name: str, iteration: int, seed: int, buffers: Optional[Dict[str, torch.Tensor]] = None) -> str:
-        """Write ``name``.pth; refuses (NonFiniteWeightsError) when a weight is NaN or inf.
-
-        ``buffers`` replace the model's own (BatchNorm statistics taken before a forward pass)."""
-        state = self.model.state_dict()
-        if buffers:
-            state.update(buffers)
-        bad = non_finite_tensors(state)
-        if comm.get_world_size() > 1:
-            bad = comm.broadcast_object(bad)  # rank 0's verdict: every rank raises together, or none
-        if bad:
-            raise non_finite_weights_error(bad, iteration, name, self.last_saved)
-        if comm.is_main_process():
-            path = super().save(name, state=state, iteration=int(iteration), seed=int(seed))
-        else:  # only rank 0 writes (the weights are the same on every rank)
-            path = os.path.join(self.output_dir, f"{name}.pth")
-        self.last_saved = path
-        logger.info("Saved checkpoint %s (iteration %d)", path, iteration)
-        return path
-
-    def resume(self) -> Optional[dict]:
-        """Load ``last_checkpoint`` into model, optimizer and scheduler; None when there is none.
-
-        Returns what else the checkpoint holds (``iteration``, ``seed``)."""
-        if not self.has_checkpoint():
-            return None
-        extra = self.load(self.get_checkpoint_file())  # fvcore: _load_file, _load_model, then the checkpointables
-        self.last_saved = self._loaded
-        logger.info("Resuming from %s (iteration %d)", self.last_saved, extra["iteration"])
-        return extra
-
-    def _load_file(self, f: str) -> dict:
-        checkpoint, self._loaded = self._load_newest_readable(f)
-        missing = [key for key in ("optimizer", "scheduler", "iteration", "seed") if key not in checkpoint]
-        if missing:
-            raise ValueError(f"{self._loaded} cannot be resumed from: it has no {', '.join(missing)}")
-        return checkpoint
-
-    def _load_model(self, checkpoint: dict):
-        # Strict, unlike fvcore's (which skips mismatched shapes and missing keys with a
-        # warning): a resume restores every tensor of this model, or fails.
-        self.model.load_state_dict(checkpoint.pop("model"))
-        return None  # nothing incompatible to log
-
-    def _load_newest_readable(self, named: str):
-        """``named`` loaded, or else the newest older ``model_*.pth`` that loads (a truncated
-        file, e.g. from a full disk, falls back to the previous good checkpoint)."""
-        errors = []
-        for path in resume_candidates(self.output_dir, named):
-            try:
-                checkpoint = load_checkpoint(path)
-            except (OSError, RuntimeError, ValueError, EOFError) as e:
-                errors.append(f"{path}: {e}")
-                logger.warning("Cannot read checkpoint %s (%s); trying an older one", path, e)
-                continue
-            if path != named:
-                logger.warning("%s is unreadable: resuming from the older checkpoint %s", named, path)
-                if comm.is_main_process():
-                    write_last_checkpoint(self.output_dir, os.path.basename(path))
-            return checkpoint, path
-        raise RuntimeError("no readable checkpoint to resume from in " + self.output_dir + ":\n" + "\n".join(errors))
-
-
-_WARNED_NO_TENSORBOARD = False
-
-
-class MetricsWriter:
-    """Detectron2's ``JSONWriter`` + ``CommonMetricPrinter`` + ``TensorboardXWriter``: window
-    medians every ``period`` iterations, and every record also as TensorBoard scalars in
-    ``OUTPUT_DIR`` (when the ``tensorboard`` package is installed: the ``tensorboard`` extra)."""
-
-    def __init__(self, output_dir: str, max_iter: int, period: int = LOG_PERIOD):
-        self.output_dir = output_dir
-        self.path = os.path.join(output_dir, "metrics.json")
-        self.max_iter, self.period = max_iter, period
-        self.window: List[Dict[str, float]] = []
-        self._events = None  # torch.utils.tensorboard.SummaryWriter, opened at the first record
-        self.enabled = comm.is_main_process()  # rank 0 writes the run's metrics; the others nothing
-
-    def _event_writer(self):
-        if self._events is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # torch's writer needs the tensorboard package
-                global _WARNED_NO_TENSORBOARD
-                if not _WARNED_NO_TENSORBOARD:
-                    logger.info("No TensorBoard events: the tensorboard package is not installed (pip install tensorboard)")
-                    _WARNED_NO_TENSORBOARD = True
-                self._events = False
-            else:
-                self._events = SummaryWriter(self.output_dir)
-        return self._events
-
-    def close(self) -> None:
-        if self._events:
-            self._events.close()
-        self._events = None
-
-    def truncate_after(self, iteration: int) -> None:
-        """Drop lines past ``iteration`` (left by a run killed after its last checkpoint)."""
-        if not self.enabled or not os.path.isfile(self.path):
-            return
-        with open(self.path, "r", encoding="utf-8") as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) <= iteration]
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-        events = self._event_writer()
-        if events:
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):
-                    events.add_scalar(key, value, record["iteration"])
-            events.flush()
-
-    def add(self, iteration: int, values: Dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.window.append(values)
-        if (iteration + 1) % self.period == 0 or iteration == self.max_iter - 1:
-            self.flush(iteration)
-
-    def flush(self, iteration: int) -> None:
-        keys = [k for k in self.window[-1] if k not in ("lr", "time", "data_time")]
-        record = {"iteration": iteration}
-        record.update({k: statistics.median(v[k] for v in self.window) for k in keys})
-        record["lr"] = self.window[-1]["lr"]
-        record["time"] = statistics.mean(v["time"] for v in self.window)
-        record["data_time"] = statistics.mean(v["data_time"] for v in self.window)
-        record["eta_seconds"] = record["time"] * (self.max_iter - iteration - 1)
-        self.write(record)
-        eta = str(datetime.timedelta(seconds=int(record["eta_seconds"])))
-        losses = "  ".join(f"{k}: {record[k]:.4g}" for k in keys)
-        progress_logger.info(
-            "eta: %s  iter: %d  %s  time: %.4f  data_time: %.4f  lr: %.6g",
-            eta, iteration, losses, record["time"], record["data_time"], record["lr"],
-        )
-        self.window = []
-
-
-class _ConsoleFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(progress_logger.name)
-
-
-@contextlib.contextmanager
-def log_to_file(output_dir: str):
-    """Append the project's INFO logs to ``output_dir/log.txt`` for the duration of the block
-    (rank 0 only: the other processes of a torchrun job write no file)."""
-    if not comm.is_main_process():
-        yield
-        return
-    os.makedirs(output_dir, exist_ok=True)
-    project = logging.getLogger("iou_aware_retinanet")
-    handler = logging.FileHandler(os.path.join(output_dir, "log.txt"), encoding="utf-8")
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s", "%m/%d %H:%M:%S"))
-    old_level = project.level
-    if project.getEffectiveLevel() > logging.INFO:
-        project.setLevel(logging.INFO)
-    project.addHandler(handler)
-    try:
-        yield
-    finally:
-        project.removeHandler(handler)
-        project.setLevel(old_level)
-        handler.close()
-
-
-def console_filter() -> logging.Filter:
-    """Keeps the every-20-iterations lines off a console handler (see :func:`.cli.setup_logging`)."""
-    return _ConsoleFilter()
 
 
 def save_config(cfg, path: str) -> None:
@@ -593,7 +205,7 @@ def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, 
     ``model`` may be a ``DistributedDataParallel`` wrapper: the returned values are
     then the means over the processes (Detectron2's ``_write_metrics``).
     """
-    loss_dict = model(images, targets)
+    loss_dict, metrics = model(images, targets, with_metrics=True)
     total = sum(loss_dict.values())
     _check_finite(loss_dict, total, iteration)
     if before_update is not None:
@@ -605,14 +217,10 @@ def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, 
     scheduler.step()
     values = {"total_loss": float(total.detach())}
     values.update({k: float(v.detach()) for k, v in loss_dict.items()})
-    values.update(getattr(_unwrap(model), "training_metrics", None) or {})  # e.g. loss_iou_minus_entropy
+    values.update(metrics)  # statistics of the step that are not losses, e.g. loss_iou_minus_entropy
     if comm.get_world_size() > 1:
         values = comm.all_reduce_mean(values)
     return values
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _wrap_ddp(model: nn.Module) -> nn.Module:
@@ -665,7 +273,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     bar = _progress_bar(start_iter, max_iter)
     model.train()
     trained = _wrap_ddp(model)  # the training forward / backward; model stays the unwrapped one
-    pending = _PendingCheckpoint(checkpointer, seed)
+    checkpoints = _checkpoint_schedule(cfg, model, checkpointer, seed)
     train_start, iteration = time.perf_counter(), start_iter - 1
     try:
         for iteration in range(start_iter, max_iter):
@@ -675,9 +283,10 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
             # Anything random in the step (e.g. the model's size sampling) depends on (seed, iteration) only.
             torch.manual_seed(derive_seed(seed, 2, iteration))
             lr = _lr_of_largest_group(optimizer)
-            pending.before_forward(model)
             try:
-                values = run_step(cfg, trained, optimizer, scheduler, images, targets, iteration, pending.save)
+                values = run_step(
+                    cfg, trained, optimizer, scheduler, images, targets, iteration, checkpoints.loss_was_finite
+                )
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} {checkpointer.last_good_note()}") from None
             values.update(lr=lr, time=time.perf_counter() - start, data_time=data_time)
@@ -687,7 +296,8 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
                 refresh=False,
             )
             bar.update(1)
-            _after_step(cfg, model, checkpointer, writer, iteration, seed, pending)
+            checkpoints.after_step(iteration)
+            _evaluate_periodically(cfg, model, writer, iteration)
     finally:
         bar.close()
         writer.close()
@@ -701,39 +311,27 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
         )
 
 
-class _PendingCheckpoint:
-    """A periodic checkpoint of iteration i is written during iteration i + 1, once its loss
-    is finite and before the weights change (so, from weights that still give a finite
-    loss: a step that blew the weights up to 1e15 without NaN yet is never saved)."""
+def _checkpoint_schedule(cfg, model, checkpointer: Checkpointer, seed: int) -> FiniteLossCheckpoints:
+    """The run's checkpoints. A checkpoint is written during the next iteration, before the
+    weights change (run_step's ``before_update``): model, optimizer and scheduler are then
+    still those of its iteration; only the buffers (BatchNorm's running statistics, the loss
+    normalizer's average) moved in the forward pass, so they are copied after the step."""
+    buffer_names = {name for name, _ in model.named_buffers()}
 
-    def __init__(self, checkpointer, seed: int):
-        self.checkpointer, self.seed, self.due, self.buffers = checkpointer, seed, None, None
+    def buffers_now(iteration: int) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if k in buffer_names}
 
-    def before_forward(self, model) -> None:
-        # A training forward pass updates BatchNorm's running statistics: keep those of
-        # iteration i, so the checkpoint holds exactly the state after iteration i.
-        if self.due is not None:
-            names = {k for k, _ in model.named_buffers()}
-            self.buffers = {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+    def write(name: str, iteration: int, buffers: Dict[str, torch.Tensor]) -> None:
+        state = model.state_dict()
+        state.update(buffers)
+        checkpointer.save(name, state=state, iteration=int(iteration), seed=int(seed))
 
-    def save(self) -> None:
-        if self.due is not None:
-            name, iteration = self.due
-            self.due = None
-            self.checkpointer.save(name, iteration, self.seed, self.buffers)
-            self.buffers = None
+    return FiniteLossCheckpoints(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER, buffers_now, write)
 
 
-
-def _after_step(cfg, model, checkpointer, writer, iteration: int, seed: int, pending: _PendingCheckpoint) -> None:
-    next_iter, max_iter = iteration + 1, cfg.SOLVER.MAX_ITER
-    if next_iter == max_iter:
-        pending.due = None  # superseded by model_final (no next loss: weights checked for NaN / inf only)
-        checkpointer.save("model_final", iteration, seed)
-    elif next_iter % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-        pending.due = (f"model_{iteration:07d}", iteration)
-    period = cfg.TEST.EVAL_PERIOD
-    if period > 0 and next_iter % period == 0 and next_iter != max_iter and cfg.DATASETS.TEST:
+def _evaluate_periodically(cfg, model, writer: MetricsWriter, iteration: int) -> None:
+    next_iter, period = iteration + 1, cfg.TEST.EVAL_PERIOD
+    if period > 0 and next_iter % period == 0 and next_iter != cfg.SOLVER.MAX_ITER and cfg.DATASETS.TEST:
         results = evaluate_all(cfg, model)
         writer.write({"iteration": iteration, **_flatten(results)})
         model.train()
@@ -795,9 +393,9 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
         _check_test_datasets(cfg, class_names)
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
-        checkpointer = Checkpointer(cfg.OUTPUT_DIR, model, optimizer, scheduler)
+        checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler)
         start_iter = 0
-        checkpoint = checkpointer.resume() if resume else None
+        checkpoint = checkpointer.resume(required=("iteration", "seed")) if resume else None
         if checkpoint is not None:
             start_iter = int(checkpoint["iteration"]) + 1
             seed = _resumed_seed(cfg, seed, int(checkpoint["seed"]))

@@ -225,8 +225,6 @@ class IoUAwareRetinaNet(RetinaNet):
         self.loss_config = loss_config or LossConfig(soft_target_loss=self.assigner.soft_target_loss)
         self.inference_config = inference_config
         self.box_coder = box_coder or BoxCoder()
-        # Eval mode returns DenseOutputs instead of detections (analysis only).
-        self.return_dense_outputs = False
         if loss_normalizer not in ("per_image", "batch_ema"):
             raise ValueError(f"loss_normalizer must be 'per_image' or 'batch_ema', got {loss_normalizer!r}")
         self.loss_normalizer = loss_normalizer
@@ -240,14 +238,44 @@ class IoUAwareRetinaNet(RetinaNet):
         return getattr(self.head, "iou_pred", None) is not None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+    def forward(
+        self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None, *, with_metrics: bool = False
+    ):
         """torchvision's ``RetinaNet.forward``, without the degenerate-box assertion
         (the assigner drops such boxes with a warning) and with the anchors'
-        per-level counts passed to the loss."""
+        per-level counts passed to the loss.
+
+        Training returns the losses; with ``with_metrics`` the pair (losses,
+        metrics), the statistics of the step that are not losses (see
+        :meth:`compute_loss_and_metrics`). Eval returns the detections.
+        """
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
             _check_targets(targets, len(images))
+            _, targets, _, head_outputs, anchors, num_anchors_per_level = self._run_head(images, targets)
+            losses, metrics = self.compute_loss_and_metrics(targets, head_outputs, anchors, num_anchors_per_level)
+            return (losses, metrics) if with_metrics else losses
+        dense = self.dense_outputs(images)
+        detections = self.postprocess_detections(dense.head_outputs, dense.anchors, dense.image_sizes)
+        return self.transform.postprocess(detections, dense.image_sizes, dense.original_image_sizes)
+
+    def dense_outputs(self, images: List[Tensor]) -> DenseOutputs:
+        """What eval-mode inference starts from, before any thresholding (:class:`DenseOutputs`):
+        for analysis that rescores one forward pass many ways."""
+        if self.training:
+            raise ValueError("dense_outputs is the eval-mode forward pass: call model.eval() first")
+        images, _, original_image_sizes, head_outputs, anchors, num_anchors_per_level = self._run_head(images)
+        return DenseOutputs(
+            head_outputs={k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()},
+            anchors=[list(a.split(num_anchors_per_level)) for a in anchors],
+            image_sizes=list(images.image_sizes),
+            original_image_sizes=original_image_sizes,
+        )
+
+    def _run_head(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        """Transform, backbone, head and anchors: (transformed images, transformed targets,
+        original image sizes, head outputs, anchors, anchors per level)."""
         # No int(): an ONNX trace keeps the sizes symbolic, so boxes map back for any input size.
         original_image_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         images, targets = self.transform(images, targets)
@@ -262,20 +290,7 @@ class IoUAwareRetinaNet(RetinaNet):
         num_locations = [f.shape[-2] * f.shape[-1] for f in features]
         num_per_location = head_outputs["cls_logits"].shape[1] // sum(num_locations)
         num_anchors_per_level = [n * num_per_location for n in num_locations]
-
-        if self.training:
-            return self.compute_loss(targets, head_outputs, anchors, num_anchors_per_level)
-
-        dense = DenseOutputs(
-            head_outputs={k: list(v.split(num_anchors_per_level, dim=1)) for k, v in head_outputs.items()},
-            anchors=[list(a.split(num_anchors_per_level)) for a in anchors],
-            image_sizes=list(images.image_sizes),
-            original_image_sizes=original_image_sizes,
-        )
-        if self.return_dense_outputs:
-            return dense
-        detections = self.postprocess_detections(dense.head_outputs, dense.anchors, dense.image_sizes)
-        return self.transform.postprocess(detections, dense.image_sizes, dense.original_image_sizes)
+        return images, targets, original_image_sizes, head_outputs, anchors, num_anchors_per_level
 
     # ----------------------------------------------------------------- training
     def compute_loss(
@@ -292,6 +307,18 @@ class IoUAwareRetinaNet(RetinaNet):
         level, required (ATSS picks candidates per level; torchvision's own
         ``compute_loss`` has no such argument).
         """
+        return self.compute_loss_and_metrics(targets, head_outputs, anchors, num_anchors_per_level)[0]
+
+    def compute_loss_and_metrics(
+        self,
+        targets: List[Dict[str, Tensor]],
+        head_outputs: Dict[str, Tensor],
+        anchors: List[Tensor],
+        num_anchors_per_level: Sequence[int],
+    ) -> Tuple[Dict[str, Tensor], Dict[str, float]]:
+        """:meth:`compute_loss`'s losses and the statistics of the step that are not losses:
+        ``loss_iou_minus_entropy`` with the IoU branch (loss_iou less the entropy of its
+        targets, the part of loss_iou that can still go down)."""
         if num_anchors_per_level is None:
             raise ValueError("num_anchors_per_level is required: the anchors' split by FPN level")
         cls_logits = head_outputs["cls_logits"]
@@ -317,18 +344,16 @@ class IoUAwareRetinaNet(RetinaNet):
                 return values.sum() / normalizer
         else:
             # Each image by its own positives, then the mean over images (torchvision).
-            # In the losses' type (float32 also under autocast: float16 counts stop being exact at 2048).
-            per_image_normalizer = num_foreground.clamp(min=1).to(per_image["loss_cls"].dtype)
+            per_image_normalizer = num_foreground.clamp(min=1).to(cls_logits.dtype)
 
             def normalize(values):
                 return (values / per_image_normalizer).mean()
 
         losses = {name: normalize(loss) for name, loss in per_image.items()}
-        # Statistics of the step that are not losses (the engine logs them).
-        self.training_metrics = {}
+        metrics = {}
         if entropy is not None:
-            self.training_metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - normalize(entropy))
-        return losses
+            metrics["loss_iou_minus_entropy"] = float(losses["loss_iou"].detach() - normalize(entropy))
+        return losses, metrics
 
     # ---------------------------------------------------------------- inference
     def postprocess_detections(

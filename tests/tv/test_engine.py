@@ -140,17 +140,17 @@ def test_resume_without_checkpoint_starts_fresh_and_after_the_end_only_evaluates
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, **{"DATASETS.TEST": "()"})
-    real_loss = IoUAwareRetinaNet.compute_loss
+    real_loss = IoUAwareRetinaNet.compute_loss_and_metrics
     calls = []
 
     def nan_at_iteration_4(self, *args, **kwargs):
-        losses = real_loss(self, *args, **kwargs)
+        losses, metrics = real_loss(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 5:  # iteration 4
             losses["loss_box_reg"] = losses["loss_box_reg"] * float("nan")
-        return losses
+        return losses, metrics
 
-    monkeypatch.setattr(IoUAwareRetinaNet, "compute_loss", nan_at_iteration_4)
+    monkeypatch.setattr(IoUAwareRetinaNet, "compute_loss_and_metrics", nan_at_iteration_4)
     with pytest.raises(engine.NonFiniteLossError, match=r"iteration 4") as info:
         engine.train(cfg)
     assert isinstance(info.value, FloatingPointError)

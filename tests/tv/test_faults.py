@@ -7,7 +7,7 @@ import torch
 
 from iou_aware_retinanet.atomic import atomic_write
 from iou_aware_retinanet.tv import engine
-from iou_aware_retinanet.tv.checkpoint import last_checkpoint, load_checkpoint, save_checkpoint
+from iou_aware_retinanet.tv.checkpoint import Checkpointer, last_checkpoint, load_checkpoint, save_checkpoint
 from iou_aware_retinanet.tv.cli import main, setup_cfg
 from iou_aware_retinanet.tv.evaluation import safe_folder_name
 from iou_aware_retinanet.tv.model import build_model
@@ -55,12 +55,12 @@ def test_checkpointer_refuses_nan_weights_and_names_the_last_good_one(tmp_path):
     cfg = tiny_cfg(tmp_path)
     model = build_model(cfg)
     optimizer = engine.build_optimizer(cfg, model)
-    checkpointer = engine.Checkpointer(str(tmp_path), model, optimizer, engine.build_lr_scheduler(cfg, optimizer))
-    good = checkpointer.save("model_0000000", 0, 7)
+    checkpointer = Checkpointer(model, str(tmp_path), optimizer=optimizer, scheduler=engine.build_lr_scheduler(cfg, optimizer))
+    good = checkpointer.save("model_0000000", iteration=0, seed=7)
     with torch.no_grad():
         next(model.parameters())[0].fill_(float("nan"))
-    with pytest.raises(engine.NonFiniteWeightsError, match="model_0000001.pth not written") as info:
-        checkpointer.save("model_0000001", 1, 7)
+    with pytest.raises(engine.NonFiniteWeightsError, match="by iteration 1 .*model_0000001.pth not written") as info:
+        checkpointer.save("model_0000001", iteration=1, seed=7)
     assert good in str(info.value)
     assert last_checkpoint(str(tmp_path)) == good and not os.path.exists(tmp_path / "model_0000001.pth")
     assert engine.non_finite_tensors(model) == [next(n for n, _ in model.named_parameters())]
@@ -107,8 +107,8 @@ def test_checkpoint_write_that_fails_leaves_the_last_good_one(finished_run, tmp_
     cfg = finished_run
     model = build_model(cfg)
     optimizer = engine.build_optimizer(cfg, model)
-    checkpointer = engine.Checkpointer(str(tmp_path), model, optimizer, engine.build_lr_scheduler(cfg, optimizer))
-    good = checkpointer.save("model_final", 0, 7)
+    checkpointer = Checkpointer(model, str(tmp_path), optimizer=optimizer, scheduler=engine.build_lr_scheduler(cfg, optimizer))
+    good = checkpointer.save("model_final", iteration=0, seed=7)
     before = open(good, "rb").read()
 
     def disk_full(obj, f, *args, **kwargs):
@@ -117,7 +117,7 @@ def test_checkpoint_write_that_fails_leaves_the_last_good_one(finished_run, tmp_
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        checkpointer.save("model_final", 1, 7)
+        checkpointer.save("model_final", iteration=1, seed=7)
     assert open(good, "rb").read() == before and last_checkpoint(str(tmp_path)) == good
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
 

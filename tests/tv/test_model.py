@@ -150,6 +150,47 @@ def test_iou_target_gradient_switch(target_gradient):
     assert model.head.iou_pred.weight.grad.abs().sum() > 0
 
 
+def test_training_metrics_are_returned_not_stored():
+    """The step's statistics come back with the losses (``with_metrics``), computed from the same
+    forward pass: loss_iou less the entropy of its targets is positive and below loss_iou."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    model.train()
+    images, targets = random_inputs(num_gt=(4, 2))
+    attributes = set(vars(model))
+    torch.manual_seed(1)
+    losses, metrics = model(images, targets, with_metrics=True)
+    assert set(vars(model)) == attributes  # the forward pass leaves nothing on the model
+    torch.manual_seed(1)
+    assert {k: v.item() for k, v in model(images, targets).items()} == {k: v.item() for k, v in losses.items()}
+    assert set(metrics) == {"loss_iou_minus_entropy"}
+    assert 0 < metrics["loss_iou_minus_entropy"] < losses["loss_iou"].item()
+    plain = build_model(tiny_cfg(["MODEL.IOU_AWARE.ENABLED", False]))
+    plain.train()
+    assert plain(images, targets, with_metrics=True)[1] == {}
+
+
+def test_dense_outputs_are_what_the_detections_come_from():
+    model = build_model(tiny_cfg())
+    scramble_head(model)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 60, 90)]
+    with pytest.raises(ValueError, match="model.eval"):
+        model.train().dense_outputs(images)
+    model.eval()
+    with torch.no_grad():
+        dense = model.dense_outputs(images)
+        detections = model.transform.postprocess(
+            model.postprocess_detections(dense.head_outputs, dense.anchors, dense.image_sizes),
+            dense.image_sizes, dense.original_image_sizes,
+        )  # fmt: skip
+        expected = model(images)
+    assert dense.original_image_sizes == [(96, 128), (60, 90)]
+    assert [len(level) for level in dense.anchors] == [len(dense.head_outputs["cls_logits"])] * 2
+    for got, want in zip(detections, expected):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_eval_outputs():
     model = build_model(tiny_cfg())
     scramble_head(model)
