@@ -344,7 +344,8 @@ class IoUAwareRetinaNet(RetinaNet):
                 return values.sum() / normalizer
         else:
             # Each image by its own positives, then the mean over images (torchvision).
-            per_image_normalizer = num_foreground.clamp(min=1).to(cls_logits.dtype)
+            # In the losses' type (float32 also under autocast: float16 counts stop being exact at 2048).
+            per_image_normalizer = num_foreground.clamp(min=1).to(per_image["loss_cls"].dtype)
 
             def normalize(values):
                 return (values / per_image_normalizer).mean()
