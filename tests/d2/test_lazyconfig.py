@@ -5,7 +5,6 @@ import os
 import pytest
 
 from .helpers import CONFIGS, D2_MISSING_REASON, project_cfg, random_inputs
-from .test_train_net import datasets_root  # noqa: F401  (fixture: the mini shapes datasets in a temporary root)
 
 pytest.importorskip("detectron2", reason=D2_MISSING_REASON)
 
@@ -14,6 +13,8 @@ from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.solver import build_lr_scheduler, build_optimizer  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
+
+from .test_train_net import datasets_root  # noqa: E402,F401  (fixture: the mini shapes datasets in a temporary root)
 
 TWINS = [
     ("COCO-Detection/iou_aware_retinanet_R_50_FPN_1x.py", "COCO-Detection/iou_aware_retinanet_R_50_FPN_1x.yaml"),
