@@ -5,6 +5,7 @@ replaces the class probability p everywhere p was used: per-level top-k
 candidate selection, the score threshold (unless told to threshold p), NMS
 and the final ranking.
 """
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,14 +16,17 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 THRESHOLD_ON_CHOICES = ("fused", "cls")
 
 
-@torch.jit.interface
-class BoxDecoder:
-    """What inference needs of a box coder: core ``BoxCoder`` or Detectron2's
-    ``Box2BoxTransform``. An interface, so that TorchScript compiles the
-    post-processing below with either (Python only checks the method exists)."""
+with warnings.catch_warnings():  # torch's notice that TorchScript is deprecated, once per import
+    warnings.simplefilter("ignore", FutureWarning)
 
-    def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
-        pass
+    @torch.jit.interface
+    class BoxDecoder:
+        """What inference needs of a box coder: core ``BoxCoder`` or Detectron2's
+        ``Box2BoxTransform``. An interface, so that TorchScript compiles the
+        post-processing below with either (Python only checks the method exists)."""
+
+        def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+            pass
 
 
 def fuse_scores(cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float]) -> Tensor:
