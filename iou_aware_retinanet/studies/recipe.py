@@ -1,7 +1,7 @@
 """Recipe search: short training probes of the CPU-scale detector, AP against wall time.
 
     python -m iou_aware_retinanet.studies.recipe                       # every probe of PROBES
-    python -m iou_aware_retinanet.studies.recipe --probes main lr_0.01 # some of them
+    python -m iou_aware_retinanet.studies.recipe --probes x_v128_lr04 x_v128nc_lr04   # some of them
     python -m iou_aware_retinanet.studies.recipe --shard 0/2 --threads 1 &   # two processes side by side
     python -m iou_aware_retinanet.studies.recipe --shard 1/2 --threads 1
     python -m iou_aware_retinanet.studies.recipe --probe my_try SOLVER.BASE_LR 0.05   # an ad-hoc probe
@@ -11,7 +11,8 @@ with ``KEY VALUE`` overrides: a short schedule (2,000 iterations) and the
 lever under test, on a *data variant* (a
 :class:`~iou_aware_retinanet.data.synthetic.ShapesSpec` generated once under
 the datasets root and named through ``DATASETS.COCO_INSTANCES``, or a
-built-in name). The rows are the search as it was run, in three rounds.
+built-in name). The probes are grouped in three rounds and a last probe of
+the loss normalizer (docs/recipe_search.md).
 
 Each probe trains, evaluates once on its validation split and writes
 ``OUTPUT_DIR/recipe/<probe>/result.json``; a rerun reuses every result it
@@ -92,7 +93,7 @@ def _p(name: str, what: str, *opts, data: str = "shapes") -> Probe:
 S128 = ("INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", 128, "INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 128)
 SCH2K = ("SOLVER.MAX_ITER", 2000, "SOLVER.STEPS", "(1400, 1800)", "SOLVER.WARMUP_ITERS", 200, "SOLVER.CHECKPOINT_PERIOD", 2000,
          "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR")
-# The probes of rounds 1-3 ran before the main config moved to Detectron2's loss normalizer.
+# Rounds 1-3 use torchvision's per-image loss normalizer (the Shapes configs use Detectron2's).
 TV_NORM = ("MODEL.RETINANET.LOSS_NORMALIZER", "per_image")
 SHORT = S128 + SCH2K + TV_NORM
 LR01, LR04, LR08 = ("SOLVER.BASE_LR", 0.01), ("SOLVER.BASE_LR", 0.04), ("SOLVER.BASE_LR", 0.08)
@@ -102,8 +103,8 @@ P3_P5 = ("MODEL.RETINANET.IN_FEATURES", "['p3','p4','p5']",
 WIDE = ("MODEL.RESNETS.STEM_OUT_CHANNELS", 32, "MODEL.RESNETS.RES2_OUT_CHANNELS", 32, "MODEL.RESNETS.DEPTH", 10)
 
 PROBES: List[Probe] = [
-    # Round 1: the recipe on 128 px data with generator 1.0's clutter (0-3 distractors).
-    _p("x_v128_lr01", "LR 0.01 (the old recipe)", *SHORT, *LR01, data="v128"),
+    # Round 1: the recipe on 128 px data with 0-3 distractors.
+    _p("x_v128_lr01", "LR 0.01", *SHORT, *LR01, data="v128"),
     _p("x_v128_lr04", "LR 0.04", *SHORT, *LR04, data="v128"),
     _p("x_v128_lr08", "LR 0.08", *SHORT, *LR08, data="v128"),
     _p("x_v128_lr04_giou", "LR 0.04, GIoU box loss", *SHORT, *LR04, "MODEL.RETINANET.BBOX_REG_LOSS_TYPE", "giou", data="v128"),
@@ -117,9 +118,9 @@ PROBES: List[Probe] = [
     _p("x_v128nc_lr08", "LR 0.08; no distractors", *SHORT, *LR08, data="v128_noclutter"),
     _p("x_v128nc_cos", "LR 0.04, cosine schedule; no distractors", *SHORT, *LR04, *COSINE, data="v128_noclutter"),
     _p("x_v128nc_p35", "LR 0.04, P3-P5 only (3 levels); no distractors", *SHORT, *LR04, *P3_P5, data="v128_noclutter"),
-    # After the main job: the loss normalizer, at the accuracy study's schedule (3,000 iterations), on the
-    # default data; compare with the study's runs/iou_aware/seed0 (torchvision's per-image normalizer).
-    _p("x_shapes_3k_d2norm", "3,000 iterations (study schedule), Detectron2's loss normalizer", *S128,
+    # The loss normalizer: Detectron2's, 3,000 iterations on the standard data (the same schedule
+    # with torchvision's per-image normalizer: docs/results.md, "The Detectron2 path").
+    _p("x_shapes_3k_d2norm", "3,000 iterations, Detectron2's loss normalizer", *S128,
        "SOLVER.MAX_ITER", 3000, "SOLVER.STEPS", "(2100, 2700)", "SOLVER.WARMUP_ITERS", 300, "SOLVER.CHECKPOINT_PERIOD", 1000,
        "SOLVER.LR_SCHEDULER_NAME", "WarmupMultiStepLR", *LR04, "MODEL.RETINANET.LOSS_NORMALIZER", "batch_ema", data="shapes"),
 ]
