@@ -421,7 +421,7 @@ def decode_images(records: Sequence[CocoRecord]) -> List[np.ndarray]:
 
     For :class:`CocoDetectionDataset`'s ``decoded``: a dataset that fits in memory is
     then read from RAM instead of decoding a file per sample, which on a small CPU is
-    most of what the data pipeline costs (README "Training throughput").
+    most of what the data pipeline costs (docs/performance.md, "Training throughput").
     """
     images = []
     for record in records:

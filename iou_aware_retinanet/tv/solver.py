@@ -179,9 +179,9 @@ class LRMultiplier(torch.optim.lr_scheduler.LRScheduler):
     Detectron2's ``LRMultiplier``, written here (fvcore has none; Detectron2 may
     not be imported by this front-end). Its ``state_dict`` is the position
     only: the schedule itself comes from the config, so a resumed run may
-    change e.g. ``SOLVER.STEPS``. It holds the keys the earlier hand-written
-    scheduler saved (``_step_count`` and ``_last_lr`` too, which Detectron2's
-    drops), so checkpoints of either resume exactly.
+    change e.g. ``SOLVER.STEPS``. It holds torch's scheduler keys
+    (``_step_count`` and ``_last_lr`` too, which Detectron2's drops), so a
+    resumed run restores the scheduler exactly.
     """
 
     _STATE = ("last_epoch", "base_lrs", "_step_count", "_last_lr")

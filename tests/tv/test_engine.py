@@ -316,7 +316,7 @@ def test_scheduler_state_resumes_the_position(tmp_path):
         optimizer.step()
         scheduler.step()
     state = scheduler.state_dict()
-    # The keys checkpoints hold (those of the hand-written scheduler before fvcore's too).
+    # The keys checkpoints hold: torch's scheduler state, position only.
     assert set(state) == {"last_epoch", "base_lrs", "_step_count", "_last_lr"} and state["last_epoch"] == 15
     fresh_optimizer = engine.build_optimizer(cfg, model)
     resumed = engine.build_lr_scheduler(cfg, fresh_optimizer)

@@ -18,7 +18,7 @@ few anchors:
 
 This is the paper's K - M rule; the reimplementation's latest version instead
 tops every GT up from its own top-K regressed anchors and lets the later GT win
-conflicts (see the README).
+conflicts (docs/configuration.md, "Label assigners").
 """
 import torch
 
