@@ -50,8 +50,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..atomic import atomic_write
-from ..data.coco import read_image_rgb
+from ..data.coco import check_images_decode
 from ..faults import FiniteLossCheckpoints, NonFiniteLossError, NonFiniteWeightsError, non_finite_tensors
 from .checkpoint import Checkpointer, load_weights
 from .data import (
@@ -67,6 +66,8 @@ from .solver import (
     lr_multiplier,
 )  # fmt: skip
 from . import distributed as comm
+from ..run_folder import claim_output_dir, save_config
+from ..weights_fit import check_weights_fit
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +112,6 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_config(cfg, path: str) -> None:
-    with atomic_write(path) as f:
-        f.write(cfg.dump())
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -124,15 +120,12 @@ def load_model(cfg, weights: str):
     check_cfg(cfg)  # the run's keys (INPUT: the test-time resizing); build_model checks the model's
     model = build_model(cfg)
     incompatible = load_weights(model, weights)
-    # Evaluating or predicting with layers left at their initialisation reports the
-    # results of a partly random model as if they were real: refuse.
-    # Training statistics inference does not use: BatchNorm's step counter, the loss normalizer's average.
-    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked") and k != "loss_normalizer_ema"]
-    if missing:
-        raise ValueError(
-            f"{weights} does not hold every weight of this model ({len(missing)} missing, e.g. "
-            f"{', '.join(missing[:3])}): evaluation and prediction need a checkpoint trained with this config"
-        )
+    # Evaluating, predicting or exporting with layers left at their initialisation reports
+    # the results of a partly random model as if they were real: refuse.
+    check_weights_fit(
+        weights, model.state_dict().keys(), incompatible.missing_keys, incompatible.incorrect_shapes,
+        require_all=True, purpose="evaluation, prediction and export",
+    )
     return model.eval()
 
 
@@ -351,13 +344,10 @@ def _check_test_datasets(cfg, class_names: List[str]) -> None:
 
 
 def _check_images_decode(data, name: str) -> None:
-    """Decode every test image once before training: a corrupt file fails now, not after the run."""
+    """Decode every test image once before training, comparing its size with the annotated one
+    (the Detectron2 path's check too): a corrupt or wrongly sized file fails now, not after the run."""
     start = time.perf_counter()
-    for record in data.records:
-        try:
-            read_image_rgb(record.file_name)
-        except OSError as e:
-            raise OSError(f"DATASETS.TEST {name!r}: {e} (checked before training)") from None
+    check_images_decode(((r.file_name, r.height, r.width) for r in data.records), f"DATASETS.TEST {name!r}")
     logger.info("Checked %d images of %s in %.1f s", len(data.records), name, time.perf_counter() - start)
 
 
@@ -374,9 +364,35 @@ def train(cfg, resume: bool = False) -> "OrderedDict[str, Dict[str, Dict[str, fl
     world = comm.get_world_size()
     if world > 1:
         check_batch_divisible(cfg, world)
-    if not resume:
-        _refuse_to_overwrite_a_run(cfg.OUTPUT_DIR)
-    comm.synchronize()  # every rank has looked at OUTPUT_DIR before rank 0 writes into it
+    lock = _claim_output_dir(cfg, resume)  # before rank 0 writes anything into OUTPUT_DIR
+    try:
+        return _train(cfg, resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_output_dir(cfg, resume: bool):
+    """Rank 0 takes OUTPUT_DIR's lock and checks its rules (:func:`..run_folder.claim_output_dir`:
+    no new run into a finished one, ``--resume`` only under the run's config, no user's
+    ``config.yaml`` replaced); an error stops every rank."""
+    error, lock = None, None
+    if comm.is_main_process():
+        try:
+            lock = claim_output_dir(cfg.OUTPUT_DIR, cfg.dump(), resume)
+        except Exception as e:  # re-raised on rank 0 below, reported on the others
+            error = e
+    if comm.get_world_size() > 1:
+        message = comm.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if error is None and message is not None:
+            raise RuntimeError(f"rank 0 refused OUTPUT_DIR: {message}")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train(cfg, resume: bool):
+    world = comm.get_world_size()
     if world > 1:
         _prepare_datasets_on_rank0(cfg)
     if comm.is_main_process():
@@ -439,14 +455,6 @@ def _log_learning_curve(output_dir: str) -> None:
         logger.info("Learning curve (%s/metrics.json):\n%s", output_dir, curve_table(points))
 
 
-def _refuse_to_overwrite_a_run(output_dir: str) -> None:
-    """A new run in the folder of another would mix their checkpoints and erase its history."""
-    left = [f for f in ("last_checkpoint", "metrics.json", "model_final.pth") if os.path.exists(os.path.join(output_dir, f))]
-    if left:
-        raise FileExistsError(
-            f"OUTPUT_DIR {output_dir} already holds a training run ({', '.join(left)}). Continue it with "
-            "--resume, or start the new run in another OUTPUT_DIR (or delete the old one yourself)."
-        )
 
 
 def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:
