@@ -64,14 +64,23 @@ def check_weights_fit(
     )
 
 
-def check_state_dict_fits(path: str, model_state: Mapping, file_state: Mapping, require_all: bool = True, purpose: str = "resume") -> None:
-    """:func:`check_weights_fit` of the state dict ``file_state`` (read from ``path``) against
-    ``model_state``, before loading it (e.g. with ``load_state_dict(strict=True)``, whose own
-    error names neither the file nor what to change)."""
+def check_state_dict_fits(path: str, model_state: Mapping, file_state: Mapping, purpose: str = "resume") -> None:
+    """For a strict load (a resume): every tensor of ``model_state`` in ``file_state`` (read
+    from ``path``) with its shape, and no tensor the model does not have; raises
+    :class:`WeightsMismatchError` naming the file and the tensors, where
+    ``load_state_dict(strict=True)``'s own error names neither the file nor what to change."""
     missing = [k for k in model_state if k not in file_state]
     shapes = [
         (k, tuple(file_state[k].shape), tuple(v.shape))
         for k, v in model_state.items()
         if k in file_state and hasattr(file_state[k], "shape") and tuple(file_state[k].shape) != tuple(v.shape)
     ]  # fmt: skip
-    check_weights_fit(path, model_state.keys(), missing, shapes, require_all=require_all, purpose=purpose)
+    check_weights_fit(path, model_state.keys(), missing, shapes, require_all=True, purpose=purpose)
+    unexpected = [k for k in file_state if k not in model_state and not k.endswith(IGNORED_MISSING)]
+    if unexpected:
+        raise WeightsMismatchError(
+            f"{path} does not fit this model: it holds {len(unexpected)} tensors the model does not have "
+            f"({', '.join(unexpected[:_SHOWN])}{', ...' if len(unexpected) > _SHOWN else ''}): was it trained with "
+            f"another config (MODEL.IOU_AWARE.ENABLED, MODEL.RETINANET.NUM_CONVS, the backbone)? "
+            f"{purpose[0].upper()}{purpose[1:]} needs the model it was written from."
+        )

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..faults import last_good_note, load_newest_readable, non_finite_tensors, non_finite_weights_error
+from ..weights_fit import check_state_dict_fits
 from . import distributed as comm
 from .config import check_weights_path
 
@@ -224,8 +225,11 @@ class Checkpointer(_FvcoreCheckpointer):
         if missing:
             raise ValueError(f"{path} cannot be resumed from: it has no {', '.join(missing)}")
         # Strict, unlike fvcore's load (which skips mismatched shapes and missing keys with a
-        # warning): a resume restores every tensor of this model, or fails.
-        self.model.load_state_dict(checkpoint.pop("model"))
+        # warning): a resume restores every tensor of this model, or fails naming the file and
+        # the tensors (e.g. after a MODEL.RETINANET.NUM_CLASSES change).
+        state = checkpoint.pop("model")
+        check_state_dict_fits(path, self.model.state_dict(), state, purpose="resume")
+        self.model.load_state_dict(state)
         for key, obj in self.checkpointables.items():
             obj.load_state_dict(checkpoint.pop(key))
         self.last_saved = path

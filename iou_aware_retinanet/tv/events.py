@@ -13,6 +13,7 @@ import statistics
 from typing import Dict, List
 
 from . import distributed as comm
+from .evaluation import read_metrics_file
 
 logger = logging.getLogger(__name__)
 # Every-20-iterations lines: log.txt only (the console has the progress bar).
@@ -61,10 +62,10 @@ class MetricsWriter:
         """Drop lines past ``iteration`` (left by a run killed after its last checkpoint)."""
         if not self.enabled or not os.path.isfile(self.path):
             return
-        with open(self.path, "r", encoding="utf-8") as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("iteration", -1) <= iteration]
+        # A last line cut short by a kill is dropped (read_metrics_file warns); another bad line names the file.
+        records = [r for r in read_metrics_file(self.path) if r.get("iteration", -1) <= iteration]
         with open(self.path, "w", encoding="utf-8") as f:
-            f.writelines(lines)
+            f.writelines(json.dumps(r, sort_keys=False) + "\n" for r in records)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -147,8 +147,13 @@ def test_resume_is_strict_and_names_what_is_missing(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run.OUTPUT_DIR, run)
     cfg = tiny_cfg(run, **{"DATASETS.TEST": "()", "MODEL.IOU_AWARE.ENABLED": False})  # no iou_pred
-    with pytest.raises(RuntimeError, match="iou_pred"):
+    with pytest.raises(ValueError, match="MODEL.IOU_AWARE.ENABLED: True in the run, False now"):
+        engine.train(cfg, resume=True)  # the run's config.yaml says what it was trained with
+    saved = (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()  # without it, the checkpoint itself is checked
+    with pytest.raises(ValueError, match=r"model_final\.pth does not fit this model: it holds 2 tensors .*iou_pred"):
         engine.train(cfg, resume=True)
+    (run / "config.yaml").write_text(saved)
     weights_only = load_checkpoint(str(run / "model_0000002.pth"))
     torch.save({"model": weights_only["model"], "iteration": 2}, run / "model_0000002.pth")
     (run / "last_checkpoint").write_text("model_0000002.pth")
