@@ -17,7 +17,7 @@ HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 
 def heading_id(title: str) -> str:
     """The id GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
-    text = re.sub(r"`|\*\*?|__?", "", title).strip().lower()  # emphasis and code marks
+    text = re.sub(r"`|\*", "", title).strip().lower()  # code and emphasis marks (underscores stay)
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # a link keeps its text
     text = "".join(c for c in text if c.isalnum() or c in " -_")
     return text.replace(" ", "-")
@@ -47,6 +47,7 @@ def test_heading_id_follows_github():
     assert heading_id("The project's keys") == "the-projects-keys"
     assert heading_id("`MODEL.ASSIGNER` and **TopK**") == "modelassigner-and-topk"
     assert heading_id("Limitations and deviations from the papers") == "limitations-and-deviations-from-the-papers"
+    assert heading_id("The output folder (`OUTPUT_DIR`)") == "the-output-folder-output_dir"
 
 
 def test_link_extraction_skips_code_and_urls(tmp_path):
