@@ -19,7 +19,7 @@ name                     images  seed  difficulty  files
 The difficulties are :data:`~iou_aware_retinanet.data.synthetic.SHAPES_PRESETS`:
 "standard" (128 px, objects from 16 px, no distractors, at least 75 % of
 every object visible) is what a small model learns from scratch on a CPU in
-minutes; "hard" is generator 1.0's data (256 px, objects from 8 px, heavy
+minutes; "hard" is ShapesSpec's defaults (256 px, objects from 8 px, heavy
 clutter including outlines of the shapes, 50 % occlusion).
 
 Detectron2's COCO names, resolved the way Detectron2 does (under
@@ -73,7 +73,7 @@ BUILTIN_SHAPES: Dict[str, ShapesSplit] = {
     # For tests and smoke runs: a few seconds to generate and train on.
     "shapes_mini_train": ShapesSplit("mini_train", 16, seed=2, spec=_STANDARD),
     "shapes_mini_val": ShapesSplit("mini_val", 16, seed=3, spec=_STANDARD),
-    # Generator 1.0's data (256 px, 8 px objects, heavy clutter and occlusion).
+    # ShapesSpec's defaults (256 px, 8 px objects, heavy clutter and occlusion).
     "shapes_hard_train": ShapesSplit("train", 1000, seed=0, spec=_HARD, name="shapes_hard"),
     "shapes_hard_val": ShapesSplit("val", 200, seed=1, spec=_HARD, name="shapes_hard"),
 }

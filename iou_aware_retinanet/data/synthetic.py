@@ -150,11 +150,11 @@ class ShapesSpec:
 
 
 # Named difficulties (see the module docstring). The field defaults of
-# ShapesSpec are the "hard" variant, the dataset of generator 1.0.
+# ShapesSpec are the "hard" variant.
 SHAPES_PRESETS: Dict[str, ShapesSpec] = {
     # Learnable by a small model from scratch in minutes, yet boxes are not
     # trivially placed: soft and blurred edges, tilted rectangles, amodal boxes
-    # of partly hidden objects, textures, a few distractors.
+    # of partly hidden objects, textures; no distractors.
     "standard": ShapesSpec(
         image_size=(128, 128),
         max_objects=6,
@@ -164,7 +164,7 @@ SHAPES_PRESETS: Dict[str, ShapesSpec] = {
         min_visible_fraction=0.75,
         min_contrast=60.0,
     ),
-    # Generator 1.0's data: 8 px objects, heavy clutter, 50 % occlusion.
+    # 256 px, 8 px objects, heavy clutter, 50 % occlusion.
     "hard": ShapesSpec(),
 }
 
