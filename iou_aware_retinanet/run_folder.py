@@ -43,7 +43,7 @@ RESUME_MAY_CHANGE = (
     "TEST.", "DATASETS.TEST", "DATASETS.COCO_INSTANCES", "DATALOADER.NUM_WORKERS", "DATALOADER.CACHE_IMAGES",
     "CUDNN_BENCHMARK", "VIS_PERIOD", "SEED", "INPUT.MIN_SIZE_TEST", "INPUT.MAX_SIZE_TEST",
     "MODEL.RETINANET.SCORE_THRESH_TEST", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "MODEL.RETINANET.NMS_THRESH_TEST",
-    "MODEL.IOU_AWARE.ALPHA", "MODEL.IOU_AWARE.THRESHOLD_ON",
+    "MODEL.IOU_AWARE.ALPHA", "MODEL.IOU_AWARE.THRESHOLD_ON", "MODEL.IOU_AWARE.CANDIDATES",
 )  # fmt: skip
 
 
@@ -102,6 +102,7 @@ class RunLock:
         except ImportError:  # not POSIX: no lock
             return
         os.makedirs(output_dir, exist_ok=True)
+        self.created = not os.path.exists(self.path)
         handle = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,8 +120,12 @@ class RunLock:
         handle.flush()
         self._file = handle
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Free the lock; ``remove``: also delete the lock file if this lock created it (a run
+        refused before it started leaves the folder as it found it)."""
         if self._file is not None:
+            if remove and self.created:
+                os.remove(self.path)
             self._file.close()  # closing the file frees the flock
             self._file = None
 
@@ -221,6 +226,6 @@ def claim_output_dir(output_dir: str, dump: str, resume: bool, lock: bool = True
                 logger.warning("Removed %s, left in %s by an interrupted write", name, output_dir)
     except BaseException:
         if run_lock is not None:
-            run_lock.release()
+            run_lock.release(remove=True)
         raise
     return run_lock
