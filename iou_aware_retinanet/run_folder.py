@@ -8,7 +8,8 @@ owns is overwritten, one run at a time, a resume continues the same run.
   ``OUTPUT_DIR/run.lock``, released by the system when the process ends, however it ends
   (POSIX; on other systems there is no lock);
 * :func:`remove_orphaned_temporaries`: the temporary file a kill left in the middle of an
-  atomic write (a checkpoint, say) is removed when the next run starts in the folder;
+  atomic write (a checkpoint, say) is removed when the next run starts in the folder, and a
+  ``metrics.json`` line cut short by a kill is dropped when the run resumes;
 * :func:`save_config`: the run's full config replaces a ``config.yaml`` only when that
   file is an earlier full config dump of the same front-end (the project's own save),
   never a user's file; on ``--resume``, only when the keys that define the training
@@ -27,6 +28,7 @@ from .atomic import atomic_write
 __all__ = [
     "RunLock", "RUN_LOCK", "run_files", "refuse_to_overwrite_a_run", "save_config", "check_resume_config",
     "RESUME_MAY_CHANGE", "check_config_replaceable", "remove_orphaned_temporaries", "claim_output_dir",
+    "drop_partial_last_line",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,22 @@ def refuse_to_overwrite_a_run(output_dir: str) -> None:
             f"OUTPUT_DIR {output_dir} already holds a training run ({shown}). Continue it with "
             "--resume, or start the new run in another OUTPUT_DIR (or delete the old one yourself)."
         )
+
+
+def drop_partial_last_line(path: str) -> bool:
+    """Cut a last line that has no newline (a kill during its append) off the json-lines file
+    ``path``, with a warning; the next record would otherwise be glued to it. Returns whether it did."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    logger.warning("%s: dropped its last line, cut short by an interrupted write: %r", path, data[keep:keep + 80])
+    return True
 
 
 def _process_alive(pid: int) -> bool:
@@ -224,6 +242,8 @@ def claim_output_dir(output_dir: str, dump: str, resume: bool, lock: bool = True
         if lock:
             for name in remove_orphaned_temporaries(output_dir):
                 logger.warning("Removed %s, left in %s by an interrupted write", name, output_dir)
+            if resume:
+                drop_partial_last_line(os.path.join(output_dir, "metrics.json"))
     except BaseException:
         if run_lock is not None:
             run_lock.release(remove=True)

@@ -92,8 +92,11 @@ def test_resume_under_another_config_is_refused_naming_the_key(tmp_path, change,
         _main(out, "--resume", *change)
     assert (out / "config.yaml").read_text() == before
     # What may change on resume: how long it trains, where it runs, how it is evaluated.
+    (out / "metrics.json").write_text('{"iteration": 19, "loss": 1.0}\n{"iteration": 39, "lo')  # killed mid-append
     with pytest.raises(KeyError, match="no_such_dataset"):
         _main(out, "--resume", "SOLVER.MAX_ITER", "99", "TEST.EVAL_PERIOD", "5")
+    # The line cut short is gone: Detectron2's writer appends the next record on a line of its own.
+    assert (out / "metrics.json").read_text() == '{"iteration": 19, "loss": 1.0}\n'
 
 
 def test_temporaries_of_interrupted_writes_are_removed_when_a_run_starts(tmp_path):

@@ -84,3 +84,40 @@ def test_metrics_with_a_line_cut_short_by_a_kill(tmp_path, caplog):
     path.write_text('{"iteration": 19, "loss": 1.5}\n{"iteration": 3\n{"iteration": 59, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=rf"{path}, line 2: not a json record"):
         read_metrics(str(tmp_path))
+
+
+class _WritesAMarker:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for any code in a crafted checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "export"])
+def test_no_checkpoint_runs_code_under_the_old_torch_default(weights, tmp_path, monkeypatch, command):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is torch 2.0-2.5's default (unpickle anything); every load
+    passes weights_only=True itself, which the variable does not override."""
+    from iou_aware_retinanet.tv.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    state = torch.load(str(weights), weights_only=True)
+    torch.save({**state, "payload": _WritesAMarker(marker)}, str(evil))
+    image = tmp_path / "in.png"
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    extra = {"eval": ["DATASETS.TEST", "('shapes_mini_val',)"], "predict": [], "export": []}[command]
+    flags = {"eval": [], "predict": ["--input", str(image), "--output", str(tmp_path / "drawn")],
+             "export": ["--format", "torchscript", "--output", str(tmp_path / "m.ts")]}[command]  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"evil\.pth with torch.load\(weights_only=True\)"):
+        main([command, "--config-file", SHAPES_CONFIG, "--weights", str(evil), *flags,
+              "OUTPUT_DIR", str(tmp_path / "out"), *extra])  # fmt: skip
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        load_checkpoint(str(evil))  # what --resume reads
+    assert not marker.exists()
