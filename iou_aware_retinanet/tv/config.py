@@ -51,7 +51,8 @@ Keys honoured, beyond the project's own (``MODEL.IOU_AWARE``, ``MODEL.ASSIGNER``
 ``DATASETS.*``                            TRAIN, TEST
 ``DATALOADER.*``                          NUM_WORKERS, FILTER_EMPTY_ANNOTATIONS,
                                           CACHE_IMAGES (the project's)
-``SOLVER.*``                              the optimizer, schedule and checkpoint keys below
+``SOLVER.*``                              the optimizer, schedule and checkpoint keys below;
+                                          AMP.ENABLED: mixed precision (:mod:`.amp`)
 ``TEST.*``                                DETECTIONS_PER_IMAGE, EVAL_PERIOD
 ``OUTPUT_DIR``, ``SEED``,                 as in Detectron2
 ``CUDNN_BENCHMARK``
@@ -65,6 +66,7 @@ from typing import List
 from fvcore.common.config import CfgNode as CN
 
 from ..config import add_iou_aware_retinanet_config
+from .amp import autocast_dtype
 
 __all__ = ["get_cfg", "check_cfg", "META_ARCHITECTURE", "CfgNode"]
 
@@ -177,6 +179,8 @@ def _detectron2_subset() -> CN:
     _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
     _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    # Mixed precision (see .amp): autocast, plus a GradScaler on CUDA.
+    _C.SOLVER.AMP = CN({"ENABLED": False})
 
     _C.TEST = CN()
     _C.TEST.EVAL_PERIOD = 0
@@ -258,6 +262,8 @@ def _check_solver(cfg) -> None:
     steps = list(solver.STEPS)
     if steps != sorted(steps):
         raise ValueError(f"SOLVER.STEPS must be increasing, got {steps}")
+    if solver.AMP.ENABLED:
+        autocast_dtype(cfg.MODEL.DEVICE)  # a ValueError naming SOLVER.AMP.ENABLED on devices without autocast
     if cfg.TEST.EVAL_PERIOD < 0:
         raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate only at the end), got {cfg.TEST.EVAL_PERIOD}")
 

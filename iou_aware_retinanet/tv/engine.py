@@ -29,6 +29,10 @@ in :mod:`.events`. What :func:`train` does:
   resumed run ends with the same weights as an uninterrupted one;
 * a non-finite loss stops the run with :class:`NonFiniteLossError` before
   the optimizer step, so no checkpoint holds the damage;
+* ``SOLVER.AMP.ENABLED``: the forward pass under autocast (float16 and a
+  ``GradScaler`` on CUDA, bfloat16 on the CPU; :mod:`.amp`), as Detectron2's
+  ``AMPTrainer``; a step the scaler skips because the gradients overflowed is
+  not a non-finite loss, and the scaler's state is in every checkpoint;
 * evaluation on ``DATASETS.TEST`` every ``TEST.EVAL_PERIOD`` iterations
   (0: never) and after the last one;
 * under torchrun (:mod:`.distributed`): ``SOLVER.IMS_PER_BATCH`` is the total
@@ -65,6 +69,7 @@ from .solver import (
     NORM_MODULE_TYPES, LRMultiplier, build_lr_scheduler, build_optimizer, clip_gradients, get_default_optimizer_params,
     lr_multiplier,
 )  # fmt: skip
+from . import amp
 from . import distributed as comm
 from ..run_folder import claim_output_dir, save_config
 from ..weights_fit import check_weights_fit
@@ -188,25 +193,41 @@ def _raise_non_finite(loss_dict: Dict[str, torch.Tensor], total: torch.Tensor, i
     )
 
 
-def run_step(cfg, model, optimizer, scheduler, images, targets, iteration: int, before_update=None) -> Dict[str, float]:
+def run_step(
+    cfg, model, optimizer, scheduler, images, targets, iteration: int, before_update=None, grad_scaler=None
+) -> Dict[str, float]:
     """One SGD step; returns the loss values. Raises :class:`NonFiniteLossError` before stepping.
 
     ``before_update()`` runs once the loss is known to be finite, before the
     weights change: the weights are then those the previous step left, proven
     usable by a finite loss (the engine writes its periodic checkpoints there).
 
+    With ``SOLVER.AMP.ENABLED`` the forward pass runs under autocast; a
+    ``grad_scaler`` (float16) scales the loss for the backward pass, as
+    Detectron2's ``AMPTrainer``: clipping sees the unscaled gradients, and a step
+    whose gradients overflowed is skipped by the scaler (which lowers its scale),
+    not reported as a non-finite loss.
+
     ``model`` may be a ``DistributedDataParallel`` wrapper: the returned values are
     then the means over the processes (Detectron2's ``_write_metrics``).
     """
-    loss_dict, metrics = model(images, targets, with_metrics=True)
+    with amp.autocast(images[0].device, cfg.SOLVER.AMP.ENABLED):
+        loss_dict, metrics = model(images, targets, with_metrics=True)
     total = sum(loss_dict.values())
     _check_finite(loss_dict, total, iteration)
     if before_update is not None:
         before_update()
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    clip_gradients(cfg, optimizer)
-    optimizer.step()
+    if grad_scaler is None:
+        total.backward()
+        clip_gradients(cfg, optimizer)
+        optimizer.step()
+    else:
+        grad_scaler.scale(total).backward()
+        grad_scaler.unscale_(optimizer)
+        clip_gradients(cfg, optimizer)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
     scheduler.step()
     values = {"total_loss": float(total.detach())}
     values.update({k: float(v.detach()) for k, v in loss_dict.items()})
@@ -256,8 +277,11 @@ def _progress_bar(start_iter: int, max_iter: int) -> tqdm:
     )  # fmt: skip
 
 
-def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, seed: int, records) -> None:
-    """Iterations ``start_iter .. MAX_ITER - 1``, with logging, checkpoints and periodic evaluation."""
+def do_train(
+    cfg, model, optimizer, scheduler, checkpointer, start_iter: int, seed: int, records, grad_scaler=None
+) -> None:
+    """Iterations ``start_iter .. MAX_ITER - 1``, with logging, checkpoints and periodic evaluation;
+    ``grad_scaler``: the loss scaler of a float16 run (:func:`.amp.build_grad_scaler`)."""
     max_iter, device = cfg.SOLVER.MAX_ITER, next(model.parameters()).device
     writer = MetricsWriter(cfg.OUTPUT_DIR, max_iter)
     writer.truncate_after(start_iter - 1)
@@ -266,7 +290,7 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
     bar = _progress_bar(start_iter, max_iter)
     model.train()
     trained = _wrap_ddp(model)  # the training forward / backward; model stays the unwrapped one
-    checkpoints = _checkpoint_schedule(cfg, model, checkpointer, seed)
+    checkpoints = _checkpoint_schedule(cfg, model, checkpointer, seed, grad_scaler)
     train_start, iteration = time.perf_counter(), start_iter - 1
     try:
         for iteration in range(start_iter, max_iter):
@@ -278,7 +302,8 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
             lr = _lr_of_largest_group(optimizer)
             try:
                 values = run_step(
-                    cfg, trained, optimizer, scheduler, images, targets, iteration, checkpoints.loss_was_finite
+                    cfg, trained, optimizer, scheduler, images, targets, iteration, checkpoints.loss_was_finite,
+                    grad_scaler,
                 )
             except NonFiniteLossError as e:
                 raise NonFiniteLossError(f"{e} {checkpointer.last_good_note()}") from None
@@ -304,11 +329,12 @@ def do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter: int, se
         )
 
 
-def _checkpoint_schedule(cfg, model, checkpointer: Checkpointer, seed: int) -> FiniteLossCheckpoints:
+def _checkpoint_schedule(cfg, model, checkpointer: Checkpointer, seed: int, grad_scaler=None) -> FiniteLossCheckpoints:
     """The run's checkpoints. A checkpoint is written during the next iteration, before the
-    weights change (run_step's ``before_update``): model, optimizer and scheduler are then
-    still those of its iteration; only the buffers (BatchNorm's running statistics, the loss
-    normalizer's average) moved in the forward pass, so they are copied after the step."""
+    weights change (run_step's ``before_update``): model, optimizer, scheduler and loss
+    scaler are then still those of its iteration; only the buffers (BatchNorm's running
+    statistics, the loss normalizer's average) moved in the forward pass, so they are
+    copied after the step."""
     buffer_names = {name for name, _ in model.named_buffers()}
 
     def buffers_now(iteration: int) -> Dict[str, torch.Tensor]:
@@ -317,7 +343,8 @@ def _checkpoint_schedule(cfg, model, checkpointer: Checkpointer, seed: int) -> F
     def write(name: str, iteration: int, buffers: Dict[str, torch.Tensor]) -> None:
         state = model.state_dict()
         state.update(buffers)
-        checkpointer.save(name, state=state, iteration=int(iteration), seed=int(seed))
+        scaler = {} if grad_scaler is None else {"grad_scaler": grad_scaler.state_dict()}
+        checkpointer.save(name, state=state, iteration=int(iteration), seed=int(seed), **scaler)
 
     return FiniteLossCheckpoints(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.SOLVER.MAX_ITER, buffers_now, write)
 
@@ -410,18 +437,23 @@ def _train(cfg, resume: bool):
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
         checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler)
+        grad_scaler = amp.build_grad_scaler(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED)
+        if cfg.SOLVER.AMP.ENABLED:
+            logger.info("Mixed precision: autocast to %s%s", amp.autocast_dtype(cfg.MODEL.DEVICE),
+                        " with a GradScaler" if grad_scaler is not None else "")  # fmt: skip
         start_iter = 0
         checkpoint = checkpointer.resume(required=("iteration", "seed")) if resume else None
         if checkpoint is not None:
             start_iter = int(checkpoint["iteration"]) + 1
             seed = _resumed_seed(cfg, seed, int(checkpoint["seed"]))
+            _resume_grad_scaler(grad_scaler, checkpoint)
         elif cfg.MODEL.WEIGHTS:
             load_weights(model, cfg.MODEL.WEIGHTS)
         logger.info(
             "Training %d images of %s, iterations %d..%d, seed %d",
             len(records), ", ".join(cfg.DATASETS.TRAIN), start_iter, cfg.SOLVER.MAX_ITER - 1, seed,
         )
-        do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter, seed, records)
+        do_train(cfg, model, optimizer, scheduler, checkpointer, start_iter, seed, records, grad_scaler)
         results = evaluate_all(cfg, model)
         if results:  # rank 0
             final = MetricsWriter(cfg.OUTPUT_DIR, cfg.SOLVER.MAX_ITER)
@@ -455,6 +487,15 @@ def _log_learning_curve(output_dir: str) -> None:
         logger.info("Learning curve (%s/metrics.json):\n%s", output_dir, curve_table(points))
 
 
+def _resume_grad_scaler(grad_scaler, checkpoint: dict) -> None:
+    """The loss scale where the resumed run left it (an exact resume); a run that had none
+    (float32, or bfloat16) starts from the scaler's initial scale."""
+    if grad_scaler is None:
+        return
+    if "grad_scaler" in checkpoint:
+        grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+    else:
+        logger.info("The checkpoint holds no loss scaler state (a run without float16): starting a new scale")
 
 
 def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:
