@@ -67,6 +67,13 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # against none measurable with "cls" (ratio 0.98 to 1.00;
     # benchmarks/trained_inference.py, README "Inference cost").
     cfg.MODEL.IOU_AWARE.THRESHOLD_ON = "cls"
+    # What the per-level top-k (MODEL.RETINANET.TOPK_CANDIDATES_TEST) counts:
+    # "pairs", the (anchor, class) pairs of highest S that pass the threshold
+    # (Detectron2's RetinaNet); "anchors", the anchors of highest best-class S,
+    # chosen before the threshold, with every pair of theirs that passes (the
+    # official code's mmdetection nms_pre). "anchors" with THRESHOLD_ON "fused" is
+    # the official post-processing (configs/COCO-Detection/*_official_postprocessing.yaml).
+    cfg.MODEL.IOU_AWARE.CANDIDATES = "pairs"
 
     # How the summed losses are normalized: "per_image" divides each image's
     # losses by its positives and averages over images (torchvision's RetinaNet);
@@ -191,6 +198,7 @@ def inference_config_from_cfg(cfg, clip_to_image: bool = False) -> InferenceConf
         "alpha": ("MODEL.IOU_AWARE.ALPHA", None if alpha is None else float(alpha)),
         "score_thresh": ("MODEL.RETINANET.SCORE_THRESH_TEST", r.SCORE_THRESH_TEST),
         "threshold_on": ("MODEL.IOU_AWARE.THRESHOLD_ON", cfg.MODEL.IOU_AWARE.THRESHOLD_ON),
+        "candidates": ("MODEL.IOU_AWARE.CANDIDATES", cfg.MODEL.IOU_AWARE.CANDIDATES),
         "topk_candidates": ("MODEL.RETINANET.TOPK_CANDIDATES_TEST", r.TOPK_CANDIDATES_TEST),
         "nms_thresh": ("MODEL.RETINANET.NMS_THRESH_TEST", r.NMS_THRESH_TEST),
         "max_detections": ("TEST.DETECTIONS_PER_IMAGE", cfg.TEST.DETECTIONS_PER_IMAGE),

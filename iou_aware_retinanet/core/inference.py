@@ -14,6 +14,10 @@ from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 THRESHOLD_ON_CHOICES = ("fused", "cls")
+# What the per-level top-k counts: "pairs", the (anchor, class) pairs of highest S after the
+# threshold (Detectron2 and torchvision); "anchors", the anchors of highest best-class S before it,
+# with every pair of theirs that passes (the official code's mmdetection ``nms_pre``).
+CANDIDATES_CHOICES = ("pairs", "anchors")
 
 
 with warnings.catch_warnings():  # torch's notice that TorchScript is deprecated, once per import
@@ -56,12 +60,15 @@ class InferenceConfig:
     nms_thresh: float = 0.5
     max_detections: int = 100
     clip_to_image: bool = False  # torchvision clips before NMS; Detectron2 after
+    candidates: str = "pairs"  # "anchors" with threshold_on "fused": the official code's post-processing
 
     def __post_init__(self):
         if self.threshold_on not in THRESHOLD_ON_CHOICES:
             raise ValueError(
                 f"unknown threshold_on {self.threshold_on!r}; valid choices: {', '.join(THRESHOLD_ON_CHOICES)}"
             )
+        if self.candidates not in CANDIDATES_CHOICES:
+            raise ValueError(f"unknown candidates {self.candidates!r}; valid choices: {', '.join(CANDIDATES_CHOICES)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1] or be None, got {self.alpha}")
 
@@ -96,14 +103,17 @@ def select_level_candidates(
     class probabilities of the kept (anchor, class) pairs.
     """
     return _select_level_candidates(
-        cls_probs, ious, config.alpha, config.score_thresh, config.threshold_on, config.topk_candidates
-    )
+        cls_probs, ious, config.alpha, config.score_thresh, config.threshold_on, config.topk_candidates,
+        config.candidates,
+    )  # fmt: skip
 
 
 def _select_level_candidates(
     cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float], score_thresh: float, threshold_on: str,
-    topk_candidates: int,
+    topk_candidates: int, candidates: str = "pairs",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if candidates == "anchors":
+        return _select_level_anchors(cls_probs, ious, alpha, score_thresh, threshold_on, topk_candidates)
     if threshold_on == "cls" or ious is None:
         # Gate on p first, fuse only the pairs that pass: the same scores, without
         # computing S for every (anchor, class) of the level.
@@ -125,6 +135,29 @@ def _select_level_candidates(
     return anchor_idx, class_idx, scores, cls_probs[anchor_idx, class_idx]
 
 
+def _select_level_anchors(
+    cls_probs: Tensor, ious: Optional[Tensor], alpha: Optional[float], score_thresh: float, threshold_on: str,
+    topk_candidates: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``candidates="anchors"``: the ``topk_candidates`` anchors of highest best-class S, chosen
+    before any threshold, then every (anchor, class) pair of theirs whose S (or p, with the gate on
+    p) passes; sorted by S like the pairs rule."""
+    fused = fuse_scores(cls_probs, None if ious is None else ious[:, None], alpha)
+    best = fused.max(dim=1).values
+    best = torch.where(torch.isfinite(best), best, torch.full_like(best, -1.0))  # a NaN IoU takes no place
+    kept_anchors = best.topk(_topk_count(best, topk_candidates)).indices
+    gate = cls_probs if threshold_on == "cls" and ious is not None else fused
+    pair_idx = torch.nonzero(gate[kept_anchors] > score_thresh)  # (P, 2) index into kept_anchors, class
+    anchor_idx, class_idx = kept_anchors[pair_idx[:, 0]], pair_idx[:, 1]
+    scores = fused[anchor_idx, class_idx]
+    finite = torch.isfinite(scores)
+    if torch.jit.is_tracing() or not bool(finite.all()):
+        anchor_idx, class_idx, scores = anchor_idx[finite], class_idx[finite], scores[finite]
+    scores, order = scores.sort(descending=True)
+    anchor_idx, class_idx = anchor_idx[order], class_idx[order]
+    return anchor_idx, class_idx, scores, cls_probs[anchor_idx, class_idx]
+
+
 def postprocess_image(
     cls_probs: Sequence[Tensor],
     box_deltas: Sequence[Tensor],
@@ -141,11 +174,13 @@ def postprocess_image(
     IoU_truth of the upper-bound analysis), anchors[l] (A_l, 4).
 
     Each level goes through :func:`select_level_candidates` (threshold, top-k),
-    as in torchvision and Detectron2; NMS and the ranking then use S.
+    as in torchvision and Detectron2 (or, with ``candidates="anchors"``, as in
+    the official code); NMS and the ranking then use S.
     """
     return Detections(*detect_image(
         cls_probs, box_deltas, ious, anchors, box_coder, image_size, config.alpha, config.score_thresh,
         config.threshold_on, config.topk_candidates, config.nms_thresh, config.max_detections, config.clip_to_image,
+        config.candidates,
     ))  # fmt: skip
 
 
@@ -163,6 +198,7 @@ def detect_image(
     nms_thresh: float,
     max_detections: int,
     clip_to_image: bool,
+    candidates: str = "pairs",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
     """:func:`postprocess_image` with ``InferenceConfig``'s fields as arguments and
     ``Detections``' fields as a tuple: the form TorchScript compiles (it reads
@@ -175,7 +211,7 @@ def detect_image(
     for level in range(len(cls_probs)):
         ious_l = None if ious is None else ious[level]
         anchor_idx, class_idx, scores, cls_scores = _select_level_candidates(
-            cls_probs[level], ious_l, alpha, score_thresh, threshold_on, topk_candidates
+            cls_probs[level], ious_l, alpha, score_thresh, threshold_on, topk_candidates, candidates
         )
         boxes = box_coder.apply_deltas(box_deltas[level][anchor_idx], anchors[level][anchor_idx])
         if clip_to_image:

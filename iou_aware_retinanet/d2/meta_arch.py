@@ -115,7 +115,7 @@ class IoUAwareRetinaNet(RetinaNet):
         self._inference_config = config
         self._inference_options = (
             config.alpha, config.score_thresh, config.threshold_on, config.topk_candidates,
-            config.nms_thresh, config.max_detections, config.clip_to_image,
+            config.nms_thresh, config.max_detections, config.clip_to_image, config.candidates,
         )  # fmt: skip
 
     @classmethod
@@ -205,13 +205,13 @@ class IoUAwareRetinaNet(RetinaNet):
         pred_logits, pred_deltas, pred_ious = self._split_predictions(predictions)
         iou_logits = None if pred_ious is None else [x[..., 0] for x in pred_ious]
         anchors = [a.tensor for a in self.anchor_generator(features)]
-        alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip = self._inference_options
+        alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip, candidates = self._inference_options
         results: List[Instances] = []
         for i, image_size in enumerate(images.image_sizes):
             probs, deltas, ious = image_predictions(pred_logits, pred_deltas, iou_logits, i)
             boxes, scores, classes, cls_scores, det_ious = detect_image(
                 probs, deltas, ious, anchors, self.box2box_transform, image_size,
-                alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip,
+                alpha, score_thresh, threshold_on, topk, nms_thresh, max_detections, clip, candidates,
             )  # fmt: skip
             result = Instances(image_size, pred_boxes=Boxes(boxes), scores=scores, pred_classes=classes)
             # Tested on the attribute, which TorchScript resolves when it compiles: the
