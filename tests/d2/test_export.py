@@ -79,7 +79,14 @@ def test_every_assigner_scripts(assigner):
     _assert_same_detections(_scripted_detections(script_model(model), image, output_fields(model)), _eager(model, image), output_fields(model))
 
 
-@pytest.mark.parametrize("opts", [["MODEL.IOU_AWARE.THRESHOLD_ON", "fused"], ["MODEL.IOU_AWARE.ALPHA", None]])
+OPTION_CASES = [
+    ["MODEL.IOU_AWARE.THRESHOLD_ON", "fused"],
+    ["MODEL.IOU_AWARE.ALPHA", None],
+    ["MODEL.IOU_AWARE.CANDIDATES", "anchors", "MODEL.IOU_AWARE.THRESHOLD_ON", "fused"],  # the official rule
+]
+
+
+@pytest.mark.parametrize("opts", OPTION_CASES)
 def test_scripting_follows_the_inference_options(opts):
     model = _model(opts=opts)
     image = _image(SIZES[0])
@@ -109,6 +116,15 @@ def test_trace_matches_eager_on_other_sizes(iou_aware):
     model = _model(iou_aware)
     traced, adapter = trace_model(model, [{"image": _image(SIZES[0], seed=0)}])
     for size in SIZES:
+        image = _image(size)
+        _assert_same_detections(_traced_detections(traced, adapter, image), _eager(model, image), output_fields(model))
+
+
+@pytest.mark.parametrize("opts", OPTION_CASES[::2])
+def test_trace_follows_the_inference_options(opts):
+    model = _model(opts=opts)
+    traced, adapter = trace_model(model, [{"image": _image(SIZES[0], seed=0)}])
+    for size in SIZES[1:3]:
         image = _image(size)
         _assert_same_detections(_traced_detections(traced, adapter, image), _eager(model, image), output_fields(model))
 
