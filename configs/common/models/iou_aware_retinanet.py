@@ -57,12 +57,13 @@ model = L(IoUAwareRetinaNet)(
         smooth_l1_beta=0.0,
         iou_loss_weight=1.0,  # MODEL.IOU_AWARE.LOSS_WEIGHT
         iou_target_gradient=True,  # MODEL.IOU_AWARE.TARGET_GRADIENT
-        soft_target_loss="focal",  # only read by assigners with soft targets
+        soft_target_loss="focal",  # MODEL.RETINANET.SOFT_TARGET_LOSS (read by assigners with soft targets)
     ),
     inference_config=L(InferenceConfig)(
         alpha=0.5,  # MODEL.IOU_AWARE.ALPHA
         score_thresh=0.05,
         threshold_on="cls",  # MODEL.IOU_AWARE.THRESHOLD_ON
+        candidates="pairs",  # MODEL.IOU_AWARE.CANDIDATES
         topk_candidates=1000,
         nms_thresh=0.5,
         max_detections=100,
