@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..data.builtin import log_data_fingerprints
 from ..data.coco import check_images_decode
 from ..faults import FiniteLossCheckpoints, NonFiniteLossError, NonFiniteWeightsError, non_finite_tensors
 from .checkpoint import Checkpointer, load_weights
@@ -434,6 +435,8 @@ def _train(cfg, resume: bool):
         model = build_model(cfg)  # its builders validate the model's keys: before any data is read
         records, class_names = load_train_records(cfg)  # (no global RNG: the weights do not depend on the order)
         _check_test_datasets(cfg, class_names)
+        if comm.is_main_process():  # what the run trained and is evaluated on: see docs/study.md
+            log_data_fingerprints({name: resolve_dataset(cfg, name) for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)})
         optimizer = build_optimizer(cfg, model)
         scheduler = build_lr_scheduler(cfg, optimizer)
         checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=scheduler)

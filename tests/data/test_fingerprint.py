@@ -107,3 +107,16 @@ def test_runs_log_fingerprints_of_generated_builtin_data_only(tmp_path, caplog):
         found = builtin.log_data_fingerprints(datasets)
     assert found == {"shapes_mini_val": dataset_fingerprint(json_file, image_root)}
     assert found["shapes_mini_val"] in caplog.text
+
+
+def test_training_logs_the_fingerprints_of_its_data(tmp_path, monkeypatch):
+    from iou_aware_retinanet.tv.engine import train
+
+    from ..tv.engine_helpers import tiny_cfg
+
+    monkeypatch.setenv(builtin.DATASETS_ENV, str(tmp_path / "datasets"))
+    train(tiny_cfg(tmp_path / "run", max_iter=2))
+    log = (tmp_path / "run" / "log.txt").read_text(encoding="utf-8")
+    for name in ("shapes_mini_train", "shapes_mini_val"):
+        expected = dataset_fingerprint(*builtin.builtin_dataset_paths(name))
+        assert f"Data fingerprint of {name} (sha256 of decoded pixels and annotations): {expected}" in log
