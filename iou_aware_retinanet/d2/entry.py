@@ -50,7 +50,8 @@ def check_weights_file(path: str, allow_pickle: bool = False, key: str = "MODEL.
     """Refuse pickled weights unless the user opted in: unpickling a file can run any code."""
     if path and path.lower().endswith(UNSAFE_SUFFIXES) and not allow_pickle:
         raise ValueError(
-            f"{key}={path!r} is a pickle file, which Detectron2 reads with plain pickle (it can run code). "
+            f"{key}={path!r} is a pickle file, which Detectron2 unpickles (plain pickle, or torch.load without "
+            "weights_only for .pyth): it can run code. "
             "Pass --allow-pickle if you trust the file, or convert it to a .pth state dict."
         )
 
