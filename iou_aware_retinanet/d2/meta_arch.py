@@ -5,7 +5,8 @@ its backbone, anchors, box transform and pre/post-processing; this class swaps
 the Matcher for a core assigner, adds the IoU branch and its loss, and ranks
 detections by the fused score. With ``MODEL.IOU_AWARE.ENABLED False`` and the
 ``max_iou`` assigner it computes what Detectron2's ``RetinaNet`` computes
-(tests/d2/test_equivalence.py checks it).
+(tests/d2/test_equivalence.py checks it). In eval mode it scripts and traces
+as Detectron2's RetinaNet does (:mod:`.export`, docs/deployment.md).
 """
 from typing import List, Optional, Tuple
 
