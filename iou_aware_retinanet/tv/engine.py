@@ -512,4 +512,8 @@ def _resumed_seed(cfg, seed: int, checkpoint_seed: int) -> int:
     return seed
 
 
-__all__ += ["Checkpointer", "MetricsWriter", "do_train", "format_metrics_table", "log_to_file", "run_step"]
+# Re-exported from where they live (solver, checkpoint, events), for callers of the engine.
+__all__ += [
+    "Checkpointer", "LOG_PERIOD", "MetricsWriter", "NORM_MODULE_TYPES", "clip_gradients", "console_filter", "do_train",
+    "format_metrics_table", "log_to_file", "run_step",
+]  # fmt: skip

@@ -270,3 +270,27 @@ def test_inference_defaults_in_code_equal_the_config_defaults():
 
     assert InferenceConfig() == inference_config_from_cfg(get_cfg())
     assert InferenceConfig(clip_to_image=True) == inference_config_from_cfg(get_cfg(), clip_to_image=True)
+
+
+def test_assigners_live_in_fvcores_registry_and_a_new_one_is_buildable_by_name():
+    from fvcore.common.registry import Registry
+
+    from iou_aware_retinanet.core.assigners import ASSIGNER_REGISTRY, MaxIoUAssigner, register_assigner
+
+    assert isinstance(ASSIGNER_REGISTRY, Registry)
+    assert ASSIGNER_REGISTRY.get("max_iou") is MaxIoUAssigner
+    assert available_assigners() == sorted(name for name, _ in ASSIGNER_REGISTRY)
+    with pytest.raises(ValueError, match="'max_iou' is already registered"):
+        register_assigner("max_iou")(MaxIoUAssigner)
+
+    @register_assigner("everything_background_for_test")
+    class EverythingBackground(MaxIoUAssigner):
+        pass
+
+    try:
+        cfg = _cfg(["MODEL.ASSIGNER.NAME", "everything_background_for_test"])
+        assert type(build_assigner_from_cfg(cfg)) is EverythingBackground
+        with pytest.raises(ValueError, match="unknown label assigner 'nope'; valid choices: .*everything_background"):
+            build_assigner("nope", K)
+    finally:
+        ASSIGNER_REGISTRY._obj_map.pop("everything_background_for_test")
