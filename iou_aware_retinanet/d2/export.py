@@ -47,8 +47,7 @@ from .entry import CheckedCheckpointer, check_weights_file, setup_project_cfg
 
 __all__ = [
     "EXPORT_METHODS", "FORMATS", "output_fields", "script_model", "scripted_to_instances", "trace_model",
-    "traced_output_names",
-    "sample_inputs", "export_model", "main",
+    "traced_output_names", "sample_inputs", "export_model", "output_path", "main",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -124,6 +123,7 @@ def export_model(
         exported = script_model(model)
         with atomic_write(path, "wb") as f:
             torch.jit.save(exported, f)
+        logger.info("Exported %s (scripting, torchscript)", path)
         return path
     if inputs is None:
         raise ValueError("tracing needs an example input: inputs=[{'image': (3, H, W) tensor}]")
@@ -131,6 +131,7 @@ def export_model(
     if fmt == "torchscript":
         with atomic_write(path, "wb") as f:
             torch.jit.save(traced, f)
+        logger.info("Exported %s (tracing, torchscript)", path)
         return path
     names = traced_output_names(model)
     with atomic_write(path, "wb") as f:
@@ -138,6 +139,7 @@ def export_model(
             adapter, adapter.flattened_inputs, f, input_names=["image"], output_names=names,
             dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in names[:-1]}},
         )  # fmt: skip
+    logger.info("Exported %s (tracing, onnx)", path)
     return path
 
 
