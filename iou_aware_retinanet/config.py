@@ -65,7 +65,7 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # IoU > p, so 0.05 on S lets more pairs into NMS for the same AP: +16 to
     # +19 % inference time over plain RetinaNet on the trained tiny model,
     # against none measurable with "cls" (ratio 0.98 to 1.00;
-    # benchmarks/trained_inference.py, README "Inference cost").
+    # benchmarks/trained_inference.py, docs/results.md "Inference cost").
     cfg.MODEL.IOU_AWARE.THRESHOLD_ON = "cls"
     # What the per-level top-k (MODEL.RETINANET.TOPK_CANDIDATES_TEST) counts:
     # "pairs", the (anchor, class) pairs of highest S that pass the threshold
