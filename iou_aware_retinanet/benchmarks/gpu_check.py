@@ -40,7 +40,7 @@ with every measurement. The sections, in the order they run:
 a small image for the assigners, a 4-iteration main job on the mini shapes splits,
 one device-clean test) so that the test suite can keep the script working.
 A section that raises is reported as failed and the others still run; the exit
-status is 1 when a section or a device-clean test failed. ``--budget-s`` (default 420)
+status is 1 when a section or a device-clean test failed. ``--time-limit-s`` (default 420)
 skips the sections that would start too late to end within that many seconds.
 """
 import argparse
@@ -88,10 +88,10 @@ DEVICE_TESTS = REPO / "tests" / "device"
 MAIN_CONFIG = CONFIGS / "Shapes" / "iou_aware_retinanet.yaml"
 
 SECTIONS = ("tests", "assigners", "r50", "main_job", "main_job_amp")
-# Seconds a section needs on a GPU (guesses, for --budget-s); the AMP main job is
+# Seconds a section needs on a GPU (guesses, for --time-limit-s); the AMP main job is
 # expected to take what the float32 one took when that ran.
 SECTION_SECONDS = {"tests": 90, "assigners": 30, "r50": 120, "main_job": 150, "main_job_amp": 150}
-DEFAULT_BUDGET_S = 420
+DEFAULT_TIME_LIMIT_S = 420
 QUICK_TEST = "tests/device/test_core_device.py::test_head_outputs_under_autocast"
 
 LEARNING_RATE = 1e-5  # the weights, hence the work per step, stay put
@@ -550,8 +550,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="every section small: seconds on a CPU")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"skip sections that would end after this many seconds (default {DEFAULT_BUDGET_S}; "
+    parser.add_argument("--time-limit-s", type=float, default=DEFAULT_TIME_LIMIT_S,
+                        help=f"skip sections that would end after this many seconds (default {DEFAULT_TIME_LIMIT_S}; "
                              "0: no limit; --quick: none)")
     parser.add_argument("--json", help="write the table and every measurement to this file")
     args = parser.parse_args(argv)
@@ -588,8 +588,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             needs = SECTION_SECONDS[name]
             if name == "main_job_amp" and "main_job" in report.sections:
                 needs = report.sections["main_job"]["wall_s"]
-            if args.budget_s and not args.quick and elapsed + needs > args.budget_s:
-                report.add(name, "section", f"not started: {elapsed:.0f} s spent of --budget-s {args.budget_s:.0f}",
+            if args.time_limit_s and not args.quick and elapsed + needs > args.time_limit_s:
+                report.add(name, "section", f"not started: {elapsed:.0f} s spent of --time-limit-s {args.time_limit_s:.0f}",
                            "skipped")
                 continue
             _progress(f"gpu_check: {name} ...")
