@@ -15,8 +15,8 @@ from .core.assigners import assigner_class
 
 logger = logging.getLogger(__name__)
 
-# Keys renamed when the config names were made one system: merging a file or an
-# override that still uses one fails with a KeyError naming the new key (yacs'
+# Keys of earlier releases of this project: merging a file or an override that
+# still uses one fails with a KeyError naming the new key (yacs'
 # ``register_renamed_key``), never silently.
 RENAMED_KEYS = {
     "MODEL.LOSS_NORMALIZER": (
