@@ -141,7 +141,7 @@ PAIRED_METRICS = ("AP", "AP75", "AP90")
 # second one beside it: 4.7 min per 2,000-iteration model on a 2-core AMD EPYC. --list scales it by
 # iterations, batch and pixels (a guide, not a measurement of your machine).
 SECONDS_PER_ITERATION = 4.7 * 60 / 2000
-EVALUATION_MINUTES = 0.5  # per model: one pass over the validation set, then every scoring
+EVALUATION_MINUTES = 1.0  # per model, at most: one pass over the validation set, then every scoring
 
 
 def alpha_name(alpha: Optional[float]) -> str:
