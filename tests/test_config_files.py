@@ -92,3 +92,16 @@ def test_numbers_that_would_fail_at_iteration_one_are_refused_naming_the_key(tmp
 def test_infinity_is_accepted_where_it_means_something(load):
     cfg = load(SHAPES, ["SOLVER.CLIP_GRADIENTS.NORM_TYPE", "1e999"])  # the max-norm
     assert cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE == float("inf")
+
+
+def test_a_config_built_in_code_gets_the_same_checks_from_the_engine(tmp_path):
+    """train(cfg) with a config merged by hand, not through the loader: check_cfg refuses NaN too."""
+    from iou_aware_retinanet.tv import engine, get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(SHAPES)
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    cfg.SOLVER.BASE_LR = float("nan")
+    with pytest.raises(ValueError, match="SOLVER.BASE_LR=nan"):
+        engine.train(cfg)
+    assert not (tmp_path / "out").exists()

@@ -66,6 +66,7 @@ from typing import List
 from fvcore.common.config import CfgNode as CN
 
 from ..config import add_iou_aware_retinanet_config
+from ..config_files import check_finite, check_solver
 from .amp import autocast_dtype
 
 __all__ = ["get_cfg", "check_cfg", "META_ARCHITECTURE", "CfgNode"]
@@ -254,18 +255,9 @@ def _check_solver(cfg) -> None:
     _choice(solver.LR_SCHEDULER_NAME, "SOLVER.LR_SCHEDULER_NAME", LR_SCHEDULERS)
     _choice(solver.WARMUP_METHOD, "SOLVER.WARMUP_METHOD", WARMUP_METHODS)
     _choice(solver.CLIP_GRADIENTS.CLIP_TYPE, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", CLIP_TYPES)
-    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
-        if solver[key] < 1:
-            raise ValueError(f"SOLVER.{key} must be >= 1, got {solver[key]}")
-    if solver.BASE_LR <= 0:
-        raise ValueError(f"SOLVER.BASE_LR must be positive, got {solver.BASE_LR}")
-    steps = list(solver.STEPS)
-    if steps != sorted(steps):
-        raise ValueError(f"SOLVER.STEPS must be increasing, got {steps}")
+    check_solver(cfg)  # counts, rates, steps, TEST.EVAL_PERIOD: the checks both front-ends share
     if solver.AMP.ENABLED:
         autocast_dtype(cfg.MODEL.DEVICE)  # a ValueError naming SOLVER.AMP.ENABLED on devices without autocast
-    if cfg.TEST.EVAL_PERIOD < 0:
-        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: evaluate only at the end), got {cfg.TEST.EVAL_PERIOD}")
 
 
 def check_cfg(cfg) -> None:
@@ -282,5 +274,6 @@ def check_cfg(cfg) -> None:
         raise ValueError(f"VERSION={cfg.VERSION!r}: only version 2 configs are supported")
     _choice(cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE", (META_ARCHITECTURE,))
     check_weights_path(cfg.MODEL.WEIGHTS)
+    check_finite(cfg)  # NaN / inf anywhere (a config built in code skips the loader's check)
     _check_input(cfg)
     _check_solver(cfg)
