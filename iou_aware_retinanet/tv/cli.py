@@ -13,6 +13,7 @@ the options. ``eval``, ``predict`` and ``export`` load ``--weights``, else
 ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``.
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,7 +35,10 @@ from . import distributed as comm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["main", "get_parser", "setup_cfg", "predict", "expand_inputs", "refuse_overwriting_inputs"]
+__all__ = [
+    "main", "get_parser", "setup_cfg", "predict", "expand_inputs", "refuse_overwriting_inputs",
+    "refuse_overwriting_user_files",
+]  # fmt: skip
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -167,6 +171,32 @@ def refuse_overwriting_inputs(inputs: Sequence[str], outputs: Sequence[str]) -> 
         )
 
 
+def _earlier_predictions(json_path: str) -> set:
+    """The files an earlier ``predict`` wrote, as its json lists them (the json itself and the
+    drawn images); empty when ``json_path`` is not such a json."""
+    try:
+        with open(json_path, "r", encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return set()
+    images = content.get("images") if isinstance(content, dict) else None
+    if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("drawn_file"), str) for i in images):
+        return set()
+    return {os.path.realpath(json_path)} | {os.path.realpath(i["drawn_file"]) for i in images}
+
+
+def refuse_overwriting_user_files(outputs: Sequence[str], json_path: str) -> None:
+    """Raise before anything is written when an output would replace a file that an earlier
+    ``predict`` did not write (one its predictions json lists): a user's own file."""
+    ours = _earlier_predictions(json_path)
+    foreign = [p for p in list(outputs) + [json_path] if os.path.exists(p) and os.path.realpath(p) not in ours]
+    if foreign:
+        raise FileExistsError(
+            f"--output would overwrite {foreign[0]}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}, "
+            f"which no earlier prediction there wrote ({json_path} does not list it): choose another --output"
+        )
+
+
 def _categories(cfg) -> List[tuple]:
     """(COCO category id, name) per class index: the first test dataset's, else (index, "index")."""
     num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
@@ -198,6 +228,7 @@ def predict(cfg, inputs: Sequence[str], output: str, weights: Optional[str] = No
         os.path.splitext(out_paths[0])[0] + ".json" if _is_single_file(inputs, output) else os.path.join(output, "predictions.json")
     )
     refuse_overwriting_inputs(inputs, out_paths + [json_path])
+    refuse_overwriting_user_files(out_paths, json_path)
     images = read_images(inputs)  # fails on the first missing / unreadable file, before any work
     model = load_model(cfg, resolve_weights(cfg, weights))
     categories = _categories(cfg)

@@ -121,3 +121,29 @@ def test_no_checkpoint_runs_code_under_the_old_torch_default(weights, tmp_path, 
     with pytest.raises(RuntimeError, match="weights_only=True"):
         load_checkpoint(str(evil))  # what --resume reads
     assert not marker.exists()
+
+
+def test_predict_replaces_only_what_an_earlier_prediction_wrote(weights, tmp_path):
+    import cv2
+    import numpy as np
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "street.png"), np.full((48, 64, 3), 90, np.uint8))
+    out = tmp_path / "drawn"
+    out.mkdir()
+    mine = out / "street.png"  # the user's own photo, not an input, under the name predict would write
+    mine.write_bytes(b"my photo")
+    args = ["predict", "--config-file", SHAPES_CONFIG, "--weights", str(weights), "--input", str(inputs),
+            "--output", str(out), "OUTPUT_DIR", str(weights.parent)]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"would overwrite .*street.png, which no earlier prediction there wrote"):
+        main(args)
+    assert mine.read_bytes() == b"my photo" and sorted(os.listdir(out)) == ["street.png"]
+    mine.unlink()
+    (out / "predictions.json").write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="predictions.json"):
+        main(args)
+    (out / "predictions.json").unlink()
+    main(args)
+    main(args)  # its own earlier outputs: replaced
+    assert sorted(os.listdir(out)) == ["predictions.json", "street.png"]
