@@ -571,24 +571,30 @@ def correlations(iou: np.ndarray, confidence: np.ndarray, matched: np.ndarray, l
     }
 
 
+def final_detections(items, model) -> Dict[str, np.ndarray]:
+    """IoU_eval, S, p and the predicted IoU (empty without the branch) of every final detection
+    at the model's configured scoring (default post-processing)."""
+    alpha = model.inference_config.alpha if model.iou_aware else 1.0
+    columns = {"iou_eval": [], "S": [], "p": [], "predicted": []}
+    for item in items:
+        det = detect(item, model, alpha)
+        columns["iou_eval"].append(iou_eval(det, item))
+        columns["S"].append(det["scores"])
+        columns["p"].append(det["cls_scores"])
+        if det["ious"] is not None:
+            columns["predicted"].append(det["ious"])
+    return {k: torch.cat(v).double().numpy() if v else np.zeros(0) for k, v in columns.items()}
+
+
 def predictor_stats(items, model) -> Dict[str, float]:
     """The IoU predictor of one trained model, over the final detections at its configured scoring
     (default post-processing) and, with the branch, over the positive anchors (:func:`iou_calibration`)."""
-    alpha = model.inference_config.alpha if model.iou_aware else 1.0
-    iou, S, p, predicted = [], [], [], []
-    for item in items:
-        det = detect(item, model, alpha)
-        iou.append(iou_eval(det, item))
-        S.append(det["scores"])
-        p.append(det["cls_scores"])
-        if det["ious"] is not None:
-            predicted.append(det["ious"])
-    iou, S, p = (torch.cat(v).double().numpy() if v else np.zeros(0) for v in (iou, S, p))
+    det = final_detections(items, model)
+    iou, S, p, predicted = det["iou_eval"], det["S"], det["p"], det["predicted"]
     matched = iou >= 0.5
     out = {"detections": float(len(iou)), "matched": float(matched.sum())}
     out.update(correlations(iou, p, matched, "p"))
     if model.iou_aware:
-        predicted = torch.cat(predicted).double().numpy() if predicted else np.zeros(0)
         out.update(correlations(iou, S, matched, "S"))
         out.update(correlations(iou, predicted, matched, "iou"))
         out["matched_iou_mae"] = float(np.abs(predicted[matched] - iou[matched]).mean()) if matched.any() else float("nan")
@@ -830,6 +836,9 @@ def run_study(args) -> dict:
                 if model.iou_aware:
                     calibration = iou_calibration(items, model)
                     calibration["run"] = cfg.OUTPUT_DIR
+                    det = final_detections(items, model)
+                    matched = det["iou_eval"] >= 0.5
+                    calibration["detections_true"], calibration["detections_predicted"] = det["iou_eval"][matched], det["predicted"][matched]
         add_rows(rows, name, seed, model_eval["rows"])
         predictor.setdefault(name, OrderedDict())[seed] = model_eval["predictor"]
         train_seconds[f"{name}/seed{seed}"] = training_seconds(cfg.OUTPUT_DIR)
@@ -916,7 +925,7 @@ def write_report(args, plan, rows, predictor, panels, calibration, datasets, tra
         "predictor": predictor,
         "s_against_p": {name: {c: s_against_p(per_seed, c) for c in S_AGAINST_P} for name, per_seed in predictor.items()},
         "correlation": [{k: v for k, v in p.items() if k not in ("iou_eval", "confidence")} for p in panels],
-        "calibration": calibration and {k: v for k, v in calibration.items() if k not in ("predicted", "true")},
+        "calibration": calibration and {k: v for k, v in calibration.items() if not isinstance(v, np.ndarray)},
         "training_seconds": train_seconds, "missing": missing,
     }  # fmt: skip
     with atomic_write(str(out / "accuracy.json")) as f:
@@ -1030,10 +1039,15 @@ def iou_calibration(items, model, fg_threshold: float = 0.5, bins: int = 10) -> 
 
 
 def calibration_text(cal: dict) -> str:
-    return (
+    text = (
         f"IoU branch calibration ({cal.get('run', '')}): {cal['n']} positive anchors of the validation images, "
         f"mean |predicted IoU - true IoU| = {cal['mae']:.3f}, Pearson {cal['pearson']:.3f}"
     )
+    true, predicted = cal.get("detections_true", np.zeros(0)), cal.get("detections_predicted", np.zeros(0))
+    if len(true):
+        text += (f"; {len(true)} final detections matching a GT: mean |predicted IoU - IoU_eval| = "
+                 f"{np.abs(predicted - true).mean():.3f}, Pearson {pearson(true, predicted):.3f}")  # fmt: skip
+    return text
 
 
 def plot_calibration(cal: dict, path: str) -> None:
@@ -1049,6 +1063,9 @@ def plot_calibration(cal: dict, path: str) -> None:
     fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.2))
     keep = np.random.default_rng(0).permutation(len(cal["true"]))[:10000]
     ax.scatter(cal["true"][keep], cal["predicted"][keep], s=2, alpha=0.2, linewidths=0, label="positive anchors")
+    if len(cal.get("detections_true", ())):
+        ax.scatter(cal["detections_true"], cal["detections_predicted"], s=4, alpha=0.4, linewidths=0, color="C2",
+                   label="final detections matching a GT (x: IoU_eval)")  # fmt: skip
     ax.plot([b["mean_true"] for b in cal["bins"]], [b["mean_predicted"] for b in cal["bins"]], "o-", color="C3",
             label="binned by predicted IoU")  # fmt: skip
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
