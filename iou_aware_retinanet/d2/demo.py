@@ -3,7 +3,11 @@
 Configs are read with a safe YAML loader, ``.pth`` weights with
 ``torch.load(weights_only=True)`` and refused unless every weight of the
 model is in them, ``.pkl`` weights need ``--allow-pickle``, and an output that
-would overwrite an input image is refused before anything is written.
+would overwrite an input image, or a file no earlier run of the demo wrote, is
+refused before anything is written. Besides the drawn images it writes the
+detections (COCO format, with scores) to ``predictions.json`` in the output
+folder (``<name>.json`` beside a single output image), which also records what
+it wrote.
 
     python -m iou_aware_retinanet.d2.demo --config-file configs/Shapes/iou_aware_retinanet.yaml \
         --input img1.png img2.png --output out_dir/ --opts MODEL.WEIGHTS output/model_final.pth
@@ -12,6 +16,7 @@ Each box is labelled with its class, its fused score S and its predicted IoU.
 """
 import argparse
 import glob
+import json
 import logging
 import os
 
@@ -19,7 +24,10 @@ import cv2
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 
+from ..atomic import atomic_write
+from ..output_files import predictions_json_path, refuse_overwriting_inputs, refuse_overwriting_user_files
 from ..visualize import draw_detections
 from .entry import CheckedCheckpointer, check_eval_weights, check_weights_file, setup_project_cfg
 
@@ -65,17 +73,20 @@ def main(argv=None):
         raise FileNotFoundError(f"no image matches {args.input}")
     single_file = len(paths) == 1 and os.path.splitext(args.output)[1] != "" and not os.path.isdir(args.output)
     outputs = [args.output if single_file else os.path.join(args.output, os.path.basename(p)) for p in paths]
-    sources = {os.path.realpath(p) for p in paths}
-    clashes = [o for o in outputs if os.path.realpath(o) in sources]
-    if clashes:
-        raise FileExistsError(f"--output would overwrite the input image {clashes[0]}: choose another --output")
+    json_path = predictions_json_path(outputs, single_file, args.output)
+    refuse_overwriting_inputs(paths, outputs + [json_path])
+    refuse_overwriting_user_files(outputs, json_path)  # only what an earlier run wrote is replaced
     if not single_file:
         os.makedirs(args.output, exist_ok=True)
     predictor = build_predictor(cfg, args.allow_pickle)
-    class_names = None
+    class_names, to_dataset_id = None, None
     if cfg.DATASETS.TEST:
-        class_names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
-    for path, out in zip(paths, outputs):
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        class_names = metadata.get("thing_classes", None)
+        mapping = metadata.get("thing_dataset_id_to_contiguous_id", None)
+        to_dataset_id = {v: k for k, v in mapping.items()} if mapping else None
+    record = {"images": [], "annotations": []}
+    for image_id, (path, out) in enumerate(zip(paths, outputs), start=1):
         image = cv2.imread(path, cv2.IMREAD_COLOR)  # BGR, Detectron2's default INPUT.FORMAT
         if image is None:
             raise ValueError(f"cannot read image {path}")
@@ -95,6 +106,23 @@ def main(argv=None):
         if not cv2.imwrite(out, drawn):
             raise OSError(f"could not write {out}")
         logger.info("%s: %d detections -> %s", path, len(instances), out)
+        record["images"].append({"id": image_id, "file_name": os.path.abspath(path), "height": image.shape[0],
+                                 "width": image.shape[1], "drawn_file": os.path.abspath(out)})  # fmt: skip
+        kept = instances[instances.scores >= args.min_score]  # what is drawn
+        ious = kept.pred_ious.tolist() if kept.has("pred_ious") else None
+        for k, det in enumerate(instances_to_coco_json(kept, image_id)):
+            if to_dataset_id is not None:
+                det["category_id"] = to_dataset_id[det["category_id"]]
+            if ious is not None:
+                det["pred_iou"] = ious[k]
+            area = det["bbox"][2] * det["bbox"][3]
+            record["annotations"].append({"id": len(record["annotations"]) + 1, "area": area, "iscrowd": 0, **det})
+    record["categories"] = [
+        {"id": to_dataset_id.get(i, i) if to_dataset_id else i, "name": name} for i, name in enumerate(class_names or [])
+    ]
+    with atomic_write(json_path) as f:
+        json.dump(record, f)
+    logger.info("detections (COCO format, with scores) and what this run wrote: %s", json_path)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the options. ``eval``, ``predict`` and ``export`` load ``--weights``, else
 ``MODEL.WEIGHTS``, else ``OUTPUT_DIR/model_final.pth``.
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -27,6 +26,7 @@ from ..config_files import load_config
 from .config import get_cfg
 from ..visualize import draw_detections
 from .data import dataset_categories, read_images, resolve_dataset
+from ..output_files import predictions_json_path, refuse_overwriting_inputs, refuse_overwriting_user_files
 from ..run_folder import check_config_replaceable, save_config
 from .engine import console_filter, evaluate_all, load_model, log_to_file, train
 from .evaluation import atomic_write_json, detections_to_coco
@@ -160,43 +160,6 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     return files
 
 
-def refuse_overwriting_inputs(inputs: Sequence[str], outputs: Sequence[str]) -> None:
-    """Raise before anything is written when an output file would replace an input image."""
-    sources = {os.path.realpath(p) for p in inputs}
-    clashes = [p for p in outputs if os.path.realpath(p) in sources]
-    if clashes:
-        raise FileExistsError(
-            f"--output would overwrite the input image {clashes[0]}"
-            f"{f' (and {len(clashes) - 1} more)' if len(clashes) > 1 else ''}: choose another --output folder or file"
-        )
-
-
-def _earlier_predictions(json_path: str) -> set:
-    """The files an earlier ``predict`` wrote, as its json lists them (the json itself and the
-    drawn images); empty when ``json_path`` is not such a json."""
-    try:
-        with open(json_path, "r", encoding="utf-8") as f:
-            content = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return set()
-    images = content.get("images") if isinstance(content, dict) else None
-    if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("drawn_file"), str) for i in images):
-        return set()
-    return {os.path.realpath(json_path)} | {os.path.realpath(i["drawn_file"]) for i in images}
-
-
-def refuse_overwriting_user_files(outputs: Sequence[str], json_path: str) -> None:
-    """Raise before anything is written when an output would replace a file that an earlier
-    ``predict`` did not write (one its predictions json lists): a user's own file."""
-    ours = _earlier_predictions(json_path)
-    foreign = [p for p in list(outputs) + [json_path] if os.path.exists(p) and os.path.realpath(p) not in ours]
-    if foreign:
-        raise FileExistsError(
-            f"--output would overwrite {foreign[0]}{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}, "
-            f"which no earlier prediction there wrote ({json_path} does not list it): choose another --output"
-        )
-
-
 def _categories(cfg) -> List[tuple]:
     """(COCO category id, name) per class index: the first test dataset's, else (index, "index")."""
     num_classes = cfg.MODEL.RETINANET.NUM_CLASSES
@@ -224,9 +187,7 @@ def predict(cfg, inputs: Sequence[str], output: str, weights: Optional[str] = No
         raise ValueError(f"--min-score must lie in [0, 1] (scores are probabilities), got {min_score}")
     inputs = expand_inputs(inputs)
     out_paths = _output_paths(inputs, output)
-    json_path = (
-        os.path.splitext(out_paths[0])[0] + ".json" if _is_single_file(inputs, output) else os.path.join(output, "predictions.json")
-    )
+    json_path = predictions_json_path(out_paths, _is_single_file(inputs, output), output)
     refuse_overwriting_inputs(inputs, out_paths + [json_path])
     refuse_overwriting_user_files(out_paths, json_path)
     images = read_images(inputs)  # fails on the first missing / unreadable file, before any work

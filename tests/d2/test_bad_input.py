@@ -112,3 +112,33 @@ def test_train_net_names_the_key_of_a_bad_number(tmp_path, opts, message):
     with pytest.raises(ValueError, match=message):
         _train_net()["main"](args)
     assert not os.listdir(tmp_path)
+
+
+def test_demo_replaces_only_what_an_earlier_run_of_it_wrote(tmp_path):
+    import json
+
+    from detectron2.modeling import build_model
+
+    from iou_aware_retinanet.d2 import demo
+
+    weights = tmp_path / "w.pth"
+    torch.save({"model": build_model(setup_project_cfg(SHAPES, ["MODEL.DEVICE", "cpu"])).state_dict()}, str(weights))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "street.png"), np.full((48, 64, 3), 90, np.uint8))
+    out = tmp_path / "drawn"
+    out.mkdir()
+    mine = out / "street.png"  # the user's own file, under the name the demo would write
+    mine.write_bytes(b"my photo")
+    args = ["--config-file", SHAPES, "--input", str(inputs / "*.png"), "--output", str(out), "--min-score", "0.0",
+            "--opts", "MODEL.WEIGHTS", str(weights), "MODEL.DEVICE", "cpu"]  # fmt: skip
+    with pytest.raises(FileExistsError, match=r"would overwrite .*street.png, which no earlier prediction there wrote"):
+        demo.main(args)
+    assert mine.read_bytes() == b"my photo"
+    mine.unlink()
+    demo.main(args)
+    demo.main(args)  # its own earlier output: replaced
+    assert sorted(os.listdir(out)) == ["predictions.json", "street.png"]
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["images"][0]["drawn_file"] == str(mine)
+    assert [c["name"] for c in record["categories"]] == ["rectangle", "ellipse", "triangle", "cross"]
