@@ -96,8 +96,9 @@ def _process_alive(pid: int) -> bool:
 
 def remove_orphaned_temporaries(output_dir: str) -> List[str]:
     """Remove the temporary files of atomic writes that a kill interrupted (their process is
-    gone); returns their names. Call it holding the folder's :class:`RunLock`."""
-    if not os.path.isdir(output_dir):
+    gone); returns their names. Call it holding the folder's :class:`RunLock`. POSIX only
+    (elsewhere ``os.kill(pid, 0)`` would end the process instead of probing it)."""
+    if os.name != "posix" or not os.path.isdir(output_dir):
         return []
     removed = []
     for name in sorted(os.listdir(output_dir)):
