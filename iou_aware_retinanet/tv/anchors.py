@@ -17,6 +17,7 @@ order (aspect ratio major, size minor; Detectron2's is size major) -- it only
 decides which head output channel is which anchor.
 """
 import math
+from collections import OrderedDict
 from typing import List, Sequence, Tuple
 
 import torch
@@ -26,12 +27,18 @@ from torchvision.models.detection.image_list import ImageList
 
 __all__ = ["AnchorGenerator", "anchor_params_from_cfg", "build_anchor_generator"]
 
+# With ``cache``: anchors kept for at most this many feature-map sizes (the least recently used go first).
+MAX_CACHED_SIZES = 16
+
 
 class AnchorGenerator(_TVAnchorGenerator):
     """torchvision's ``AnchorGenerator`` with Detectron2's geometry (see the module doc).
 
     ``sizes[l]`` / ``aspect_ratios[l]`` (height / width) per level, ``strides[l]``
-    the level's stride in pixels, ``offset`` in [0, 1).
+    the level's stride in pixels, ``offset`` in [0, 1). ``cache`` (off by default):
+    reuse the anchors of feature maps of sizes seen before (up to
+    ``MAX_CACHED_SIZES`` of them) rather than regenerate them every forward; the
+    values are the same, the tensor is shared between calls (do not modify it in place).
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class AnchorGenerator(_TVAnchorGenerator):
         aspect_ratios: Sequence[Sequence[float]],
         strides: Sequence[int],
         offset: float = 0.0,
+        cache: bool = False,
     ):
         if not (len(sizes) == len(aspect_ratios) == len(strides)):
             raise ValueError(
@@ -54,6 +62,10 @@ class AnchorGenerator(_TVAnchorGenerator):
         )
         self.strides = tuple(int(s) for s in strides)
         self.offset = float(offset)
+        # ``cache``: keep the anchors of each (feature-map sizes, dtype, device) instead of
+        # regenerating them every forward; the tensors returned are the same values.
+        self.cache = bool(cache)
+        self._cached: "OrderedDict[tuple, Tensor]" = OrderedDict()
 
     def generate_anchors(
         self,
@@ -90,9 +102,24 @@ class AnchorGenerator(_TVAnchorGenerator):
             raise ValueError(f"got {len(feature_maps)} feature maps for {len(self.strides)} anchor levels")
         # float32 at least, as Detectron2's anchors: under autocast the features are float16 /
         # bfloat16, which cannot hold coordinates of a large image to the pixel.
-        self.set_cell_anchors(torch.promote_types(feature_maps[0].dtype, torch.float32), feature_maps[0].device)
+        dtype, device = torch.promote_types(feature_maps[0].dtype, torch.float32), feature_maps[0].device
         grid_sizes = [tuple(f.shape[-2:]) for f in feature_maps]
-        anchors = torch.cat(self.grid_anchors_per_level(grid_sizes))
+        # A trace (export) or a compiled graph must compute the anchors from the sizes, not
+        # hold a constant from the cache.
+        use_cache = self.cache and not (
+            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        )
+        key = (tuple((int(h), int(w)) for h, w in grid_sizes), dtype, device) if use_cache else None
+        if use_cache and key in self._cached:
+            self._cached.move_to_end(key)
+            anchors = self._cached[key]
+        else:
+            self.set_cell_anchors(dtype, device)
+            anchors = torch.cat(self.grid_anchors_per_level(grid_sizes))
+            if use_cache:
+                self._cached[key] = anchors
+                if len(self._cached) > MAX_CACHED_SIZES:  # many input sizes: keep the recently used
+                    self._cached.popitem(last=False)
         return [anchors for _ in image_list.image_sizes]
 
 
