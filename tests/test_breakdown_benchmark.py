@@ -124,6 +124,20 @@ def test_breakdown_reports_peak_and_prints_every_part(breakdown_run):
     assert result["machine"]["threads"] == 1
 
 
+def test_breakdown_profiles_the_operators(breakdown_run):
+    result, text, _ = breakdown_run
+    profile = result["per_step"]["profile"]
+    ops = {op["op"]: op for op in profile["ops"]}
+    # A training step of a convolutional net: convolutions forward and backward, the SGD update.
+    assert {"aten::convolution", "aten::convolution_backward"} <= set(ops)
+    assert ops["aten::convolution"]["calls"] == ops["aten::convolution_backward"]["calls"] > 0
+    assert all(op["self_ms"] >= 0 and op["calls"] > 0 for op in profile["ops"])
+    assert [op["self_ms"] for op in profile["ops"]] == sorted((op["self_ms"] for op in profile["ops"]), reverse=True)
+    assert profile["aten_calls_per_step"] == pytest.approx(sum(op["calls"] for op in profile["ops"]))
+    top = profile["ops"][: result["profile_top"]]
+    assert all(f"| {op['op']} |" in text for op in top)
+
+
 # --------------------------------------------------------------------------- levers
 
 def test_levers_ratios_are_positive_and_finite(levers_run):

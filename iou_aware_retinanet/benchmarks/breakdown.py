@@ -1,7 +1,7 @@
 """Where the time of a training step goes, against what the machine can do.
 
     python -m iou_aware_retinanet.benchmarks.breakdown --config-file configs/Shapes/iou_aware_retinanet.yaml
-        [--steps 30] [--warmup 5] [--threads N] [--json breakdown.json] [--quick] [KEY VALUE ...]
+        [--steps 30] [--warmup 5] [--threads N] [--profile 15] [--json breakdown.json] [--quick] [KEY VALUE ...]
 
 On the config's model and real batches of its training data (the engine's
 loader, loaded beforehand), prints:
@@ -17,7 +17,11 @@ loader, loaded beforehand), prints:
   input transform, backbone + FPN forward, head forward, anchors, label
   assignment, losses, backward (with gradient clipping), optimizer step,
   other (LR schedule, loss values, glue), in ms and % of the step, with the
-  achieved GFLOP/s where a FLOP count applies.
+  achieved GFLOP/s where a FLOP count applies;
+* then, from ``torch.profiler`` over a few more steps (``--profile K``, 0 to
+  skip): the operator calls per step and the K operators with the most self
+  CPU time, with their calls per step (many small operators point to Python
+  overhead, few large ones to the kernels).
 
 The step is the engine's own :func:`~iou_aware_retinanet.tv.engine.run_step`
 (forward, backward, optimizer and LR-scheduler step, as the main job runs
@@ -63,6 +67,8 @@ PARTS = ("input transform", "backbone + FPN forward", "head forward", "anchors",
 STEP_FLOPS_PER_FORWARD = 3
 # The float32 kernels whose best GFLOP/s is the machine's peak.
 PEAK_KERNELS = ("matmul float32", "conv3x3 large")
+# Steps under torch.profiler, after the timed ones (profiling slows them: never timed together).
+PROFILE_STEPS = 5
 # Distinct batches loaded (the steps cycle through them).
 MAX_BATCHES = 40
 
@@ -246,8 +252,9 @@ class StepClock:
         self.model.assigner = self._original_assigner
 
 
-def time_step_parts(cfg, batches: Sequence, steps: int, warmup: int) -> dict:
-    """Per-step seconds of each part (timed steps) and of the plain step (no hooks), alternated."""
+def time_step_parts(cfg, batches: Sequence, steps: int, warmup: int, profile_steps: int = 0) -> dict:
+    """Per-step seconds of each part (timed steps) and of the plain step (no hooks), alternated;
+    with ``profile_steps``, then the operators of that many steps (:func:`profile_ops`)."""
     model, optimizer, scheduler = fresh_training_state(cfg)
     iteration = 0
 
@@ -269,7 +276,26 @@ def time_step_parts(cfg, batches: Sequence, steps: int, warmup: int) -> dict:
         start = time.perf_counter()
         step()
         plain.append(time.perf_counter() - start)
-    return {"timed": timed, "plain": plain}
+    result = {"timed": timed, "plain": plain}
+    if profile_steps:
+        result["profile"] = profile_ops(step, profile_steps)
+    return result
+
+
+def profile_ops(step: Callable[[], object], steps: int) -> dict:
+    """torch.profiler's operator calls of ``steps`` calls of ``step``: the number of operator calls
+    per step, and each operator's calls and self CPU time per step, largest time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    ops = sorted(
+        ({"op": e.key, "calls": e.count / steps, "self_ms": e.self_cpu_time_total / 1000 / steps} for e in events),
+        key=lambda op: -op["self_ms"],
+    )
+    return {"steps": steps, "aten_calls_per_step": sum(op["calls"] for op in ops), "ops": ops}
 
 
 # --------------------------------------------------------------------------- report
@@ -346,6 +372,18 @@ def format_report(result: dict) -> List[str]:
         gflop = "-" if p["gflop"] is None else f"{p['gflop']:.2f}"
         lines.append(f"| {p['part']} | {p['ms']:.2f} | {100 * p['share']:.1f} | {gflop} | {_gflops(p['gflops'])} |")
     lines.append(f"| sum of the parts | {s['parts_sum_ms']:.2f} | {100 * s['parts_sum_ms'] / s['step_ms']:.1f} | | |")
+    profile = result["per_step"].get("profile")
+    if profile and result["profile_top"]:
+        lines += [
+            "",
+            f"operators (torch.profiler, {profile['steps']} steps): {profile['aten_calls_per_step']:.0f} aten calls a step "
+            "(nested ones included); "
+            f"the {result['profile_top']} with the most self CPU time:",
+            "",
+            "| operator | calls / step | self ms / step |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {op['op']} | {op['calls']:.0f} | {op['self_ms']:.2f} |" for op in profile["ops"][: result["profile_top"]]]
     return lines
 
 
@@ -355,6 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default 5; --quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--profile", type=int, default=15, metavar="K",
+                        help="then profile a few steps and print the K operators with the most time (0: don't)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--quick", action="store_true", help="tiny version: seconds, figures meaningless")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -372,13 +412,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     macs = count_forward_macs(model, images, targets)
     del model
     peak = measure_peak(macs["head_input_shape"], quick=args.quick)
-    times = time_step_parts(cfg, batches, steps, warmup)
+    times = time_step_parts(cfg, batches, steps, warmup, (1 if args.quick else PROFILE_STEPS) if args.profile else 0)
     result = {
         "config": args.config_file,
         "images_per_batch": len(images),
         "image_size": "x".join(str(s) for s in images[0].shape[-2:]),
         "steps": steps,
         "warmup": warmup,
+        "profile_top": args.profile,
         "machine": machine_info(),
         "peak": peak,
         "summary": summarize(times["timed"], times["plain"], macs),
