@@ -262,3 +262,9 @@ def test_compile_lever_runs_the_same_step(datasets):
         torch.set_num_threads(threads)
     assert compiled.first_losses == pytest.approx(default.first_losses, rel=1e-6)
     assert compiled.iteration == 1
+
+
+@pytest.mark.parametrize("module", [breakdown, levers], ids=["breakdown", "levers"])
+def test_a_gpu_config_is_refused_naming_the_key(module):
+    with pytest.raises(ValueError, match="MODEL.DEVICE is 'cuda'.*MODEL.DEVICE cpu"):
+        module.main(["--quick", "MODEL.DEVICE", "cuda"])

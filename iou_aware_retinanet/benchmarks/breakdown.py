@@ -55,7 +55,7 @@ from ..tv.engine import run_step, seed_all
 from ..tv.model import build_model
 from ..tv.solver import build_lr_scheduler, build_optimizer
 
-__all__ = ["PARTS", "QUICK_OPTS", "load_batches", "fresh_training_state", "machine_info", "main"]
+__all__ = ["PARTS", "QUICK_OPTS", "load_batches", "fresh_training_state", "machine_info", "setup_cpu_cfg", "main"]
 
 # Overrides of --quick: a 16-image dataset, not decoded into memory, batches of 2.
 QUICK_OPTS = ["DATASETS.TRAIN", "('shapes_mini_train',)", "DATALOADER.CACHE_IMAGES", "False",
@@ -89,6 +89,18 @@ def fresh_training_state(cfg, seed: int = 0):
     model.train()
     optimizer = build_optimizer(cfg, model)
     return model, optimizer, build_lr_scheduler(cfg, optimizer)
+
+
+def setup_cpu_cfg(config_file: str, opts: Sequence[str]):
+    """The config, refused with an error naming the key unless it runs on the CPU: the
+    benchmarks time the CPU's step with wall clocks (a GPU's work runs asynchronously)."""
+    cfg = setup_cfg(config_file, opts)
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        raise ValueError(
+            f"{config_file}: MODEL.DEVICE is {cfg.MODEL.DEVICE!r}; this benchmark times the training step on "
+            "the CPU: add MODEL.DEVICE cpu"
+        )
+    return cfg
 
 
 def machine_info() -> dict:
@@ -287,6 +299,7 @@ def profile_ops(step: Callable[[], object], steps: int) -> dict:
     per step, and each operator's calls and self CPU time per step, largest time first."""
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log ("no GPU found") is noise here
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -405,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         parser.error("need --steps >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = setup_cfg(args.config_file, (QUICK_OPTS if args.quick else []) + list(args.opts))
+    cfg = setup_cpu_cfg(args.config_file, (QUICK_OPTS if args.quick else []) + list(args.opts))
     batches = load_batches(cfg, min(2 * steps + warmup, MAX_BATCHES))
     images, targets = batches[0]
     model, _, _ = fresh_training_state(cfg)

@@ -42,9 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..studies.recipe import MAIN_CONFIG
-from ..tv.cli import setup_cfg
 from ..tv.engine import run_step
-from .breakdown import QUICK_OPTS, fresh_training_state, load_batches, machine_info
+from .breakdown import QUICK_OPTS, fresh_training_state, load_batches, machine_info, setup_cpu_cfg
 
 __all__ = ["LEVERS", "QUICK_LEVERS", "Variant", "build_variant", "main"]
 
@@ -226,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     default_threads = torch.get_num_threads()
     skipped = [name for name in levers if name == f"threads_{default_threads}"]
     levers = [name for name in levers if name not in skipped]
-    cfg = setup_cfg(args.config_file, (QUICK_OPTS if args.quick else []) + list(args.opts))
+    cfg = setup_cpu_cfg(args.config_file, (QUICK_OPTS if args.quick else []) + list(args.opts))
     batches = load_batches(cfg, min(warmup + rounds * steps, MAX_BATCHES))
     result = measure_levers(cfg, batches, levers, steps, rounds, warmup, args.compile_backend)
     result.update({
