@@ -11,7 +11,7 @@ from detectron2.utils import comm
 from PIL import Image
 
 from ..data.builtin import ensure_generated, register_builtin_datasets
-from ..data.coco import check_images_decode, load_coco_detection
+from ..data.coco import check_image_headers, check_images_decode, load_coco_detection
 from ..data.config_datasets import check_num_classes as _check_num_classes
 from ..data.config_datasets import coco_instances_from_cfg
 
@@ -107,10 +107,13 @@ def check_test_images(cfg) -> None:
 
 
 def check_train_images(cfg) -> None:
-    """Read the header of every ``DATASETS.TRAIN`` image before training: an image Detectron2
-    would saturate (:func:`check_8_bit`) fails now, not when the loader first meets it."""
+    """Read the header of every ``DATASETS.TRAIN`` image before training: a file that is no
+    image, has another size than annotated, or that Detectron2 would saturate
+    (:func:`check_8_bit`) fails now, not when the loader first meets it."""
     for name in cfg.DATASETS.TRAIN:
-        for record in DatasetCatalog.get(name):
+        records = DatasetCatalog.get(name)
+        check_image_headers(((r["file_name"], r["height"], r["width"]) for r in records), f"DATASETS.TRAIN {name!r}")
+        for record in records:
             try:
                 check_8_bit(record["file_name"])
             except (OSError, ValueError) as e:

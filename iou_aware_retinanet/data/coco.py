@@ -380,20 +380,53 @@ Transform = Callable[[torch.Tensor, Target], Tuple[torch.Tensor, Target]]
 
 
 def _check_image_size(rgb: np.ndarray, record: CocoRecord) -> None:
-    _check_size(rgb, record.file_name, record.height, record.width)
+    _check_size(rgb.shape[:2], record.file_name, record.height, record.width)
 
 
-def _check_size(rgb: np.ndarray, file_name: str, height: int, width: int) -> None:
-    if rgb.shape[:2] != (height, width):
+def _check_size(size: Tuple[int, int], file_name: str, height: int, width: int) -> None:
+    """``size``: (h, w) of the image as the reader returns it."""
+    if tuple(size) != (height, width):
         raise ValueError(
-            f"image file {file_name} is {rgb.shape[0]} x {rgb.shape[1]} (h x w), but its "
+            f"image file {file_name} is {size[0]} x {size[1]} (h x w), but its "
             f"annotations say {height} x {width}"
             + (
                 " (the sizes are swapped: the file probably has an EXIF orientation, which the reader "
                 "applies; annotate the rotated image, or strip the EXIF orientation)"
-                if rgb.shape[:2] == (width, height) else ""
+                if tuple(size) == (width, height) else ""
             )
         )
+
+
+# EXIF orientations that turn the stored image by 90 degrees (the reader applies them).
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_HEADER_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")
+
+
+def check_image_headers(images: Iterable[Tuple[str, int, int]], what: str) -> int:
+    """Read the header of every ``(file_name, height, width)`` (not the pixels) and compare
+    the size, as the reader will see it (EXIF orientation applied), with the annotated one;
+    returns how many. Cheap enough for every training image before training: a file that is
+    no image or has another size fails now, not at the iteration that first loads it (a
+    file truncated after its header still fails there)."""
+    from PIL import Image  # torchvision's dependency; only the header is parsed
+
+    count = 0
+    for file_name, height, width in images:
+        try:
+            with Image.open(file_name) as image:
+                w, h = image.size
+                # EXIF sits in the header of these formats (a PNG's may follow the pixels: not read here).
+                if image.format in _EXIF_HEADER_FORMATS and image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                    w, h = h, w
+        except OSError as e:
+            raise OSError(f"{what}: could not read image file {file_name}: {e} (checked before training)") from None
+        try:
+            _check_size((h, w), file_name, int(height), int(width))
+        except ValueError as e:
+            raise ValueError(f"{what}: {e} (checked before training)") from None
+        count += 1
+    return count
 
 
 def check_images_decode(images: Iterable[Tuple[str, int, int]], what: str) -> int:
@@ -404,7 +437,7 @@ def check_images_decode(images: Iterable[Tuple[str, int, int]], what: str) -> in
     count = 0
     for file_name, height, width in images:
         try:
-            _check_size(read_image_rgb(file_name), file_name, int(height), int(width))
+            _check_size(read_image_rgb(file_name).shape[:2], file_name, int(height), int(width))
         except (OSError, ValueError) as e:
             raise type(e)(f"{what}: {e} (checked before training)") from None
         count += 1

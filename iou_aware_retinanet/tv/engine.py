@@ -55,7 +55,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.builtin import log_data_fingerprints
-from ..data.coco import check_images_decode
+from ..data.coco import check_image_headers, check_images_decode
 from ..faults import FiniteLossCheckpoints, NonFiniteLossError, NonFiniteWeightsError, non_finite_tensors
 from .checkpoint import Checkpointer, load_weights
 from .data import (
@@ -371,6 +371,16 @@ def _check_test_datasets(cfg, class_names: List[str]) -> None:
         _check_images_decode(load_dataset(cfg, name, "DATASETS.TEST"), name)
 
 
+def _check_train_images(cfg, records) -> None:
+    """Every training image's header (its size) before training; with DATALOADER.CACHE_IMAGES
+    the cache decodes and checks every image before the first iteration anyway."""
+    if cfg.DATALOADER.CACHE_IMAGES:
+        return
+    start = time.perf_counter()
+    check_image_headers(((r.file_name, r.height, r.width) for r in records), f"DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)}")
+    logger.info("Checked the headers of %d training images in %.1f s", len(records), time.perf_counter() - start)
+
+
 def _check_images_decode(data, name: str) -> None:
     """Decode every test image once before training, comparing its size with the annotated one
     (the Detectron2 path's check too): a corrupt or wrongly sized file fails now, not after the run."""
@@ -434,6 +444,7 @@ def _train(cfg, resume: bool):
         seed_all(seed)
         model = build_model(cfg)  # its builders validate the model's keys: before any data is read
         records, class_names = load_train_records(cfg)  # (no global RNG: the weights do not depend on the order)
+        _check_train_images(cfg, records)
         _check_test_datasets(cfg, class_names)
         if comm.is_main_process():  # what the run trained and is evaluated on: see docs/study.md
             log_data_fingerprints({name: resolve_dataset(cfg, name) for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)})

@@ -79,9 +79,14 @@ def _own_dataset_args(tmp_path, json_file, root, *extra):
 
 def test_a_test_image_of_another_size_fails_before_training(tmp_path):
     json_file, root = write_dataset(str(tmp_path / "data"), sizes={1: (H_WRONG, 64)})
+    good_json, good_root = write_dataset(str(tmp_path / "good"))
     _forget("mine")
+    _forget("mine_train")
+    args = _own_dataset_args(tmp_path, json_file, root)
+    args.opts += ["DATASETS.COCO_INSTANCES", f"[['mine', '{json_file}', '{root}'], ['mine_train', '{good_json}', '{good_root}']]",
+                  "DATASETS.TRAIN", "('mine_train',)"]  # fmt: skip
     with pytest.raises(ValueError, match=r"DATASETS.TEST 'mine': image file .*img1.png is 50 x 64 .*48 x 64.*before training"):
-        _train_net()["main"](_own_dataset_args(tmp_path, json_file, root))
+        _train_net()["main"](args)
     assert not (tmp_path / "out" / "model_final.pth").exists()
 
 
@@ -142,3 +147,14 @@ def test_demo_replaces_only_what_an_earlier_run_of_it_wrote(tmp_path):
     record = json.loads((out / "predictions.json").read_text())
     assert record["images"][0]["drawn_file"] == str(mine)
     assert [c["name"] for c in record["categories"]] == ["rectangle", "ellipse", "triangle", "cross"]
+
+
+def test_a_training_image_of_another_size_fails_before_training(tmp_path):
+    """Detectron2's mapper checks the size of each image when it loads it, iterations into the run."""
+    json_file, root = write_dataset(str(tmp_path / "data"), sizes={0: (48, 70)})  # annotated 48 x 64
+    _forget("mine")
+    args = _own_dataset_args(tmp_path, json_file, root)
+    args.opts += ["DATASETS.TEST", "()"]
+    with pytest.raises(ValueError, match=r"DATASETS.TRAIN 'mine': image file .*img0.png is 48 x 70 .*48 x 64.*before training"):
+        _train_net()["main"](args)
+    assert not (tmp_path / "out" / "last_checkpoint").exists()

@@ -118,3 +118,22 @@ def test_check_images_decode_compares_the_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"DATASETS.TEST 'mine': image file .*img1.png is 48 x 66 .* 48 x 64"):
         check_images_decode(entries, "DATASETS.TEST 'mine'")
     assert check_images_decode(entries[:1], "DATASETS.TEST 'mine'") == 1
+
+
+def test_header_check_sees_the_size_the_reader_returns(tmp_path):
+    """A JPEG stored 64 x 48 with EXIF orientation 6 (turn by 90 degrees) reads as 48 x 64: the
+    header check, which decodes nothing, agrees with the decoding check on both annotations."""
+    from PIL import Image
+
+    from iou_aware_retinanet.data.coco import check_image_headers
+
+    path = str(tmp_path / "turned.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (64, 48), (120, 30, 30)).save(path, exif=exif)
+    for check in (check_image_headers, check_images_decode):
+        assert check([(path, 64, 48)], "DATASETS.TRAIN 'mine'") == 1
+        with pytest.raises(ValueError, match=r"turned.jpg is 64 x 48 .* 48 x 64 \(the sizes are swapped"):
+            check([(path, 48, 64)], "DATASETS.TRAIN 'mine'")
+    with pytest.raises(OSError, match=r"DATASETS.TRAIN 'mine': could not read image file .*nothing.png"):
+        check_image_headers([(str(tmp_path / "nothing.png"), 4, 4)], "DATASETS.TRAIN 'mine'")

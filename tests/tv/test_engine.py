@@ -531,8 +531,10 @@ def test_missing_image_and_malformed_json_name_the_file(tmp_path):
 def test_unreadable_image_named_through_the_worker(tmp_path):
     json_file, image_root = write_coco(str(tmp_path))
     bad = os.path.join(image_root, "img1.png")
+    with open(bad, "rb") as f:
+        header = f.read(100)
     with open(bad, "wb") as f:
-        f.write(b"not a png")
+        f.write(header)  # the header survives (checked before training), the pixels are cut
     cfg = _own_dataset_cfg(
         tmp_path, json_file, image_root,
         **{"DATALOADER.NUM_WORKERS": 1, "DATALOADER.CACHE_IMAGES": False, "SOLVER.IMS_PER_BATCH": 4},

@@ -101,3 +101,26 @@ def test_a_test_image_of_another_size_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"DATASETS.TEST 'mine': image file .*img3.png is 64 x 81 .*64 x 80.*before training"):
         engine.train(cfg)
     assert not (tmp_path / "out" / "last_checkpoint").exists()
+
+
+def test_a_training_image_that_is_no_image_or_of_another_size_fails_before_training(tmp_path, monkeypatch):
+    """Without DATALOADER.CACHE_IMAGES the images are decoded by the loader, iteration after
+    iteration: their headers are read before the first one."""
+    json_file, image_root = write_coco(str(tmp_path / "data"))
+    steps = []
+    monkeypatch.setattr(engine, "run_step", lambda *args, **kwargs: steps.append(1))
+
+    def cfg(out):
+        return tiny_cfg(tmp_path / out, **{
+            "DATASETS.COCO_INSTANCES": f"[['mine', '{json_file}', '{image_root}']]", "DATASETS.TRAIN": "('mine',)",
+            "DATASETS.TEST": "()", "MODEL.RETINANET.NUM_CLASSES": 2, "DATALOADER.CACHE_IMAGES": False,
+        })  # fmt: skip
+
+    cv2.imwrite(os.path.join(image_root, "img2.png"), np.zeros((64, 79, 3), np.uint8))  # annotated 64 x 80
+    with pytest.raises(ValueError, match=r"DATASETS.TRAIN .*img2.png is 64 x 79 .*64 x 80.*before training"):
+        engine.train(cfg("a"))
+    with open(os.path.join(image_root, "img2.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(OSError, match=r"DATASETS.TRAIN .*could not read image file .*img2.png.*before training"):
+        engine.train(cfg("b"))
+    assert steps == []  # no iteration ran
