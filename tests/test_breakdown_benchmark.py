@@ -167,9 +167,23 @@ def test_levers_that_keep_the_numbers_keep_them(levers_run):
     assert 0 < rows["bf16"]["first_loss_rel_diff"] < 0.1
 
 
-def test_levers_unknown_name_is_refused():
-    with pytest.raises(ValueError, match="unknown lever 'fast'"):
-        levers.build_variant("fast", None, 1)
+@pytest.mark.parametrize("name", ["fast", "channels_last+fast", "bf16+bf16", "threads_1+threads_2"])
+def test_levers_unknown_or_repeated_names_are_refused(name):
+    with pytest.raises(ValueError, match="lever"):
+        levers.build_variant(name, None, 1)
+
+
+def test_levers_joined_by_plus_apply_together():
+    cfg = setup_cfg(str(breakdown.MAIN_CONFIG), breakdown.QUICK_OPTS)
+    variant = levers.build_variant("channels_last+anchor_cache+bf16+threads_2", cfg, 1)
+    assert variant.threads == 2 and variant.cfg.SOLVER.AMP.ENABLED and not cfg.SOLVER.AMP.ENABLED
+    assert variant.model.anchor_generator.cache
+    convs = [m for m in variant.model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    default = levers.build_variant("default", cfg, 1)
+    assert default.threads == 1 and not default.model.anchor_generator.cache and not default.cfg.SOLVER.AMP.ENABLED
+    assert not convs[0].weight.is_contiguous() or convs[0].weight.shape[-1] == 1
+    assert all(c.weight.is_contiguous() for c in default.model.modules() if isinstance(c, nn.Conv2d))
 
 
 # --------------------------------------------------------------------------- anchor cache

@@ -1,7 +1,7 @@
 """Levers on the training step's speed, each measured side by side with the default step.
 
     python -m iou_aware_retinanet.benchmarks.levers [--config-file configs/Shapes/iou_aware_retinanet.yaml]
-        [--levers channels_last anchor_cache compile bf16 threads_1 threads_2]
+        [--levers channels_last anchor_cache compile bf16 threads_1 threads_2 channels_last+anchor_cache ...]
         [--steps 20] [--rounds 5] [--warmup 3] [--threads N] [--json levers.json] [--quick] [KEY VALUE ...]
 
 Every lever is a variant of the engine's :func:`~iou_aware_retinanet.tv.engine.run_step`
@@ -19,6 +19,8 @@ batches of its training data (loaded beforehand):
   numerics change;
 * ``threads_1`` / ``threads_2``: 1 or 2 intra-op threads (``torch.set_num_threads``);
   skipped when it is the default's count.
+
+Levers joined by "+" (``--levers channels_last+anchor_cache``) apply together.
 
 Method, as ``benchmarks/throughput.py``: each round times ``--steps`` steps of
 the default, then of each lever, then of the default again; a block's time is
@@ -45,7 +47,7 @@ from ..studies.recipe import MAIN_CONFIG
 from ..tv.engine import run_step
 from .breakdown import QUICK_OPTS, fresh_training_state, load_batches, machine_info, setup_cpu_cfg
 
-__all__ = ["LEVERS", "QUICK_LEVERS", "Variant", "build_variant", "main"]
+__all__ = ["LEVERS", "QUICK_LEVERS", "Variant", "build_variant", "lever_parts", "main"]
 
 LEVERS = ("channels_last", "anchor_cache", "compile", "bf16", "threads_1", "threads_2")
 QUICK_LEVERS = tuple(lever for lever in LEVERS if lever != "compile")  # compiling takes minutes
@@ -102,27 +104,45 @@ def _channels_last_input(module, args):
     return (images.contiguous(memory_format=torch.channels_last),)
 
 
+def lever_parts(name: str) -> List[str]:
+    """The levers of ``name``: one of :data:`LEVERS`, or several joined by "+" (applied together)."""
+    parts = name.split("+")
+    unknown = [part for part in parts if part not in LEVERS]
+    if unknown or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"unknown lever {name!r}; known: {', '.join(LEVERS)}, or several joined by '+' "
+            "(e.g. channels_last+anchor_cache), each once"
+        )
+    if sum(part.startswith("threads_") for part in parts) > 1:
+        raise ValueError(f"lever {name!r}: at most one threads_N")
+    return parts
+
+
+def describe(name: str) -> str:
+    return DESCRIPTIONS[name] if name == "default" else " + ".join(DESCRIPTIONS[part] for part in lever_parts(name))
+
+
 def build_variant(name: str, cfg, threads: int, compile_backend: str = "inductor") -> Variant:
-    """The default step (``name`` "default") or one lever of :data:`LEVERS`, from seed 0."""
-    if name not in ("default",) + LEVERS:
-        raise ValueError(f"unknown lever {name!r}; known: {', '.join(LEVERS)}")
-    if name == "bf16":
+    """The default step (``name`` "default") or the levers of ``name`` (:func:`lever_parts`), from seed 0."""
+    parts = [] if name == "default" else lever_parts(name)
+    if "bf16" in parts:
         cfg = cfg.clone()
         cfg.defrost()
         cfg.SOLVER.AMP.ENABLED = True
         cfg.freeze()
     model, optimizer, scheduler = fresh_training_state(cfg)
-    if name == "channels_last":
+    if "channels_last" in parts:
         model.to(memory_format=torch.channels_last)
         # The transform batches the images into a contiguous tensor: convert it on its way in.
         model.backbone.register_forward_pre_hook(_channels_last_input)
-    elif name == "anchor_cache":
+    if "anchor_cache" in parts:
         model.anchor_generator.cache = True
-    elif name == "compile":
+    if "compile" in parts:
         model.backbone.compile(backend=compile_backend)
         model.head.compile(backend=compile_backend)
-    elif name.startswith("threads_"):
-        threads = int(name.split("_")[1])
+    for part in parts:
+        if part.startswith("threads_"):
+            threads = int(part.split("_")[1])
     return Variant(name, cfg, model, optimizer, scheduler, threads)
 
 
@@ -160,7 +180,7 @@ def measure_levers(cfg, batches: Sequence, levers: Sequence[str], steps: int, ro
         ratio = statistics.median(ratios)
         rows.append({
             "lever": variant.name,
-            "description": DESCRIPTIONS[variant.name],
+            "description": describe(variant.name),
             "threads": variant.threads,
             "ms": statistics.median(r["ms"] for r in per_round[variant.name]),
             "default_ms": statistics.median(r["default_ms"] for r in per_round[variant.name]),
@@ -193,7 +213,7 @@ def format_report(result: dict) -> List[str]:
     lines.append("")
     lines.append(f"default's second block / first, per round (drift): {', '.join(f'{d:.3f}' for d in result['drift'])}")
     for row in result["levers"]:
-        if row["lever"] == "compile":
+        if "compile" in lever_parts(row["lever"]):
             lines.append(f"compile time (warm-up beyond the default's {result['warmup']} steps): {row['warmup_extra_s']:.1f} s")
     for name in result["skipped"]:
         lines.append(f"{name}: skipped, it is the default's thread count")
@@ -203,8 +223,9 @@ def format_report(result: dict) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config-file", default=str(MAIN_CONFIG))
-    parser.add_argument("--levers", nargs="+", choices=LEVERS, default=None,
-                        help=f"default: all ({', '.join(LEVERS)}); --quick: all but compile")
+    parser.add_argument("--levers", nargs="+", default=None,
+                        help=f"default: all ({', '.join(LEVERS)}); --quick: all but compile; "
+                             "join levers by '+' to apply them together, e.g. channels_last+anchor_cache")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (default 20; --quick 2)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5; --quick 1)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (default 3; --quick 1)")
@@ -222,6 +243,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     levers = list(dict.fromkeys(args.levers or (QUICK_LEVERS if args.quick else LEVERS)))
+    for name in levers:
+        try:
+            lever_parts(name)
+        except ValueError as e:
+            parser.error(str(e))
     default_threads = torch.get_num_threads()
     skipped = [name for name in levers if name == f"threads_{default_threads}"]
     levers = [name for name in levers if name not in skipped]
