@@ -12,7 +12,8 @@ loader, loaded beforehand), prints:
   3 x the forward's FLOPs;
 * the machine's peak in the same process and with the same intra-op threads:
   a large float32 (and bfloat16) matrix product, a large 3x3 convolution, and
-  one of the head's 3x3 convolutions on its largest feature map;
+  one of the head's 3x3 convolutions on its largest feature map (the
+  convolutions in the default and the channels-last memory format);
 * the step's median time and its achieved GFLOP/s, and where its time goes:
   input transform, backbone + FPN forward, head forward, anchors, label
   assignment, losses, backward (with gradient clipping), optimizer step,
@@ -34,18 +35,15 @@ printed next to it. Times are medians over ``--steps`` steps after
 a batch, small peak problems) that checks the command works in seconds.
 """
 import argparse
-import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 from ..studies.recipe import MAIN_CONFIG
@@ -54,6 +52,7 @@ from ..tv.data import build_train_loader, load_train_records
 from ..tv.engine import run_step, seed_all
 from ..tv.model import build_model
 from ..tv.solver import build_lr_scheduler, build_optimizer
+from . import speed
 
 __all__ = ["PARTS", "QUICK_OPTS", "load_batches", "fresh_training_state", "machine_info", "setup_cpu_cfg", "main"]
 
@@ -66,7 +65,7 @@ PARTS = ("input transform", "backbone + FPN forward", "head forward", "anchors",
 # A training step's FLOPs per forward FLOP: forward + backward (about twice the forward).
 STEP_FLOPS_PER_FORWARD = 3
 # The float32 kernels whose best GFLOP/s is the machine's peak.
-PEAK_KERNELS = ("matmul float32", "conv3x3 large")
+PEAK_KERNELS = ("matmul float32", "conv3x3 large", "conv3x3 large, channels-last")
 # Steps under torch.profiler, after the timed ones (profiling slows them: never timed together).
 PROFILE_STEPS = 5
 # Distinct batches loaded (the steps cycle through them).
@@ -104,20 +103,10 @@ def setup_cpu_cfg(config_file: str, opts: Sequence[str]):
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = models[0] if models else cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "threads": torch.get_num_threads(),
-        # Other jobs on the cores skew timings: worth knowing.
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    """CPU, cores, torch versions, intra-op threads and load, as ``benchmarks.speed`` reports them."""
+    info = speed.machine_info(None)
+    info.pop("detectron2")  # not used here
+    return info
 
 
 def median_ms(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -172,13 +161,17 @@ def measure_peak(head_input_shape: Sequence[int], quick: bool = False, repeats: 
             ms = median_ms(lambda: torch.mm(a, b), repeats)
             name = "matmul " + str(dtype).replace("torch.", "")
             results[name] = {"shape": f"{n}x{n} @ {n}x{n}", "ms": ms, "gflops": 2 * n**3 / ms / 1e6}
-        shapes = {"conv3x3 large": (conv_n, conv_c, conv_hw, conv_hw), "conv3x3 of the head": (head_n, head_c, head_h, head_w)}
+        shapes = {"conv3x3 large": (conv_n, conv_c, conv_hw, conv_hw),
+                  "conv3x3 of the head": (head_n, head_c, head_h, head_w)}
         for name, (bn, c, h, w) in shapes.items():
-            conv = nn.Conv2d(c, c, 3, padding=1)
-            x = torch.randn(bn, c, h, w)
-            ms = median_ms(lambda: conv(x), repeats)
-            flops = 2 * bn * c * c * 9 * h * w
-            results[name] = {"shape": f"({bn}, {c}, {h}, {w}) -> {c} channels", "ms": ms, "gflops": flops / ms / 1e6}
+            for suffix, memory_format in (("", torch.contiguous_format), (", channels-last", torch.channels_last)):
+                conv = nn.Conv2d(c, c, 3, padding=1).to(memory_format=memory_format)
+                x = torch.randn(bn, c, h, w).contiguous(memory_format=memory_format)
+                ms = median_ms(lambda: conv(x), repeats)
+                flops = 2 * bn * c * c * 9 * h * w
+                results[name + suffix] = {
+                    "shape": f"({bn}, {c}, {h}, {w}) -> {c} channels", "ms": ms, "gflops": flops / ms / 1e6,
+                }
     return results
 
 
@@ -376,7 +369,7 @@ def format_report(result: dict) -> List[str]:
         "",
         f"training step: {s['plain_step_ms']:.1f} ms ({s['step_ms']:.1f} ms with the timing hooks), "
         f"{s['achieved_gflops']:.1f} GFLOP/s = {s['achieved_gflops'] / best_peak:.0%} of the float32 peak "
-        f"({best_peak:.1f} GFLOP/s, the better of {' and '.join(PEAK_KERNELS)})",
+        f"({best_peak:.1f} GFLOP/s, the best of: {', '.join(PEAK_KERNELS)})",
         "",
         "| part | ms | % of step | GFLOP | GFLOP/s |",
         "|---|---:|---:|---:|---:|",
@@ -389,14 +382,15 @@ def format_report(result: dict) -> List[str]:
     if profile and result["profile_top"]:
         lines += [
             "",
-            f"operators (torch.profiler, {profile['steps']} steps): {profile['aten_calls_per_step']:.0f} aten calls a step "
-            "(nested ones included); "
+            f"operators (torch.profiler, {profile['steps']} steps): "
+            f"{profile['aten_calls_per_step']:.0f} aten calls a step (nested ones included); "
             f"the {result['profile_top']} with the most self CPU time:",
             "",
             "| operator | calls / step | self ms / step |",
             "|---|---:|---:|",
         ]
-        lines += [f"| {op['op']} | {op['calls']:.0f} | {op['self_ms']:.2f} |" for op in profile["ops"][: result["profile_top"]]]
+        top = profile["ops"][: result["profile_top"]]
+        lines += [f"| {op['op']} | {op['calls']:.0f} | {op['self_ms']:.2f} |" for op in top]
     return lines
 
 

@@ -202,19 +202,22 @@ def format_report(result: dict) -> List[str]:
         f"machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; "
         f"default: {result['default_threads']} intra-op threads",
         "",
-        "| lever | ms / step | default ms / step | ratio (median) | speed-up | per-round ratios | first-step loss rel. diff |",
+        "| lever | ms / step | default ms / step | ratio (median) | speed-up | per-round ratios "
+        "| first-step loss rel. diff |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for row in result["levers"]:
         lines.append(
-            f"| {row['lever']}: {row['description']} | {row['ms']:.1f} | {row['default_ms']:.1f} | {row['ratio']:.3f} | "
-            f"{row['speedup']:.2f}x | {', '.join(f'{r:.3f}' for r in row['ratios'])} | {row['first_loss_rel_diff']:.1e} |"
+            f"| {row['lever']}: {row['description']} | {row['ms']:.1f} | {row['default_ms']:.1f} "
+            f"| {row['ratio']:.3f} | {row['speedup']:.2f}x | {', '.join(f'{r:.3f}' for r in row['ratios'])} "
+            f"| {row['first_loss_rel_diff']:.1e} |"
         )
     lines.append("")
     lines.append(f"default's second block / first, per round (drift): {', '.join(f'{d:.3f}' for d in result['drift'])}")
     for row in result["levers"]:
         if "compile" in lever_parts(row["lever"]):
-            lines.append(f"compile time (warm-up beyond the default's {result['warmup']} steps): {row['warmup_extra_s']:.1f} s")
+            lines.append(f"{row['lever']}: compile time (its warm-up beyond the default's {result['warmup']} steps): "
+                         f"{row['warmup_extra_s']:.1f} s")
     for name in result["skipped"]:
         lines.append(f"{name}: skipped, it is the default's thread count")
     return lines
