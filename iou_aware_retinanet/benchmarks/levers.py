@@ -23,7 +23,8 @@ batches of its training data (loaded beforehand):
 Levers joined by "+" (``--levers channels_last+anchor_cache``) apply together.
 
 Method, as ``benchmarks/throughput.py``: each round times ``--steps`` steps of
-the default, then of each lever, then of the default again; a block's time is
+the default, then of each lever (their order rotating from round to round),
+then of the default again; a block's time is
 its median step, a lever's ratio in a round is its time over the mean of the
 round's two default blocks, and the ratio printed is the median over
 ``--rounds`` rounds (< 1: the lever is faster; speed-up = 1 / ratio). The
@@ -37,6 +38,7 @@ command works in seconds. Nothing here changes the config's defaults.
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -168,7 +170,9 @@ def measure_levers(cfg, batches: Sequence, levers: Sequence[str], steps: int, ro
     for r in range(rounds):
         progress(f"round {r + 1} / {rounds}")
         before = default.block_seconds(batches, steps)
-        times = {v.name: v.block_seconds(batches, steps) for v in variants}
+        # The levers' order rotates from round to round: none is always the farthest from a default block.
+        shift = r % len(variants) if variants else 0
+        times = {v.name: v.block_seconds(batches, steps) for v in variants[shift:] + variants[:shift]}
         after = default.block_seconds(batches, steps)
         drift.append(after / before)
         for name, seconds in times.items():
@@ -256,7 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     levers = [name for name in levers if name not in skipped]
     cfg = setup_cpu_cfg(args.config_file, (QUICK_OPTS if args.quick else []) + list(args.opts))
     batches = load_batches(cfg, min(warmup + rounds * steps, MAX_BATCHES))
-    result = measure_levers(cfg, batches, levers, steps, rounds, warmup, args.compile_backend)
+    result = measure_levers(cfg, batches, levers, steps, rounds, warmup, args.compile_backend,
+                            progress=lambda message: print(message, file=sys.stderr, flush=True))
     result.update({
         "config": args.config_file,
         "images_per_batch": len(batches[0][0]),
