@@ -125,26 +125,30 @@ def detectron2_available() -> bool:
     return True
 
 
+def d2_matcher_runner(anchors: AnchorSet, gt_boxes: Tensor, gt_classes: Tensor) -> Callable[[], Tensor]:
+    """What Detectron2's ``RetinaNet.label_anchors`` does for one image, as a callable."""
+    from detectron2.modeling.matcher import Matcher
+    from detectron2.structures import Boxes, pairwise_iou
+
+    matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
+    anchor_boxes, gts = Boxes(anchors.boxes), Boxes(gt_boxes)
+
+    def run():
+        matches, match_labels = matcher(pairwise_iou(gts, anchor_boxes))
+        labels = gt_classes[matches]
+        labels[match_labels == 0] = NUM_CLASSES
+        labels[match_labels == -1] = -1
+        return labels
+
+    return run
+
+
 def _make_runner(method: str, anchors: AnchorSet, gt_boxes: Tensor, gt_classes: Tensor) -> Callable[[], object]:
     if method in PROJECT_ASSIGNERS:
         assigner = build_assigner(method, NUM_CLASSES)
         return lambda: assigner(anchors, gt_boxes, gt_classes)
     if method == "d2_matcher":
-        from detectron2.modeling.matcher import Matcher
-        from detectron2.structures import Boxes, pairwise_iou
-
-        matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
-        anchor_boxes, gts = Boxes(anchors.boxes), Boxes(gt_boxes)
-
-        def run():
-            # What RetinaNet.label_anchors does for one image.
-            matches, match_labels = matcher(pairwise_iou(gts, anchor_boxes))
-            labels = gt_classes[matches]
-            labels[match_labels == 0] = NUM_CLASSES
-            labels[match_labels == -1] = -1
-            return labels
-
-        return run
+        return d2_matcher_runner(anchors, gt_boxes, gt_classes)
     raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
 
 

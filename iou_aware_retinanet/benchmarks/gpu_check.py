@@ -68,7 +68,7 @@ from ..config import build_assigner_from_cfg
 from ..core import Predictions, available_assigners
 from ..core.boxes import BoxCoder
 from ..tv.amp import autocast, build_grad_scaler
-from .assigners import make_retinanet_anchors, random_gt_boxes
+from .assigners import d2_matcher_runner, make_retinanet_anchors, random_gt_boxes
 from .speed import (
     SOURCE_MODEL,
     Setting,
@@ -293,24 +293,6 @@ def _random_predictions(anchors, device, seed: int = 0) -> Predictions:
     )
 
 
-def _d2_matcher_runner(anchors, gt_boxes, gt_classes):
-    """What Detectron2's ``RetinaNet.label_anchors`` does for one image."""
-    from detectron2.modeling.matcher import Matcher
-    from detectron2.structures import Boxes, pairwise_iou
-
-    matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=True)
-    anchor_boxes, gts = Boxes(anchors.boxes), Boxes(gt_boxes)
-
-    def run():
-        matches, match_labels = matcher(pairwise_iou(gts, anchor_boxes))
-        labels = gt_classes[matches]
-        labels[match_labels == 0] = NUM_CLASSES
-        labels[match_labels == -1] = -1
-        return labels
-
-    return run
-
-
 def run_assigners(report: Report, device: torch.device, quick: bool, d2_available: bool) -> None:
     from dataclasses import replace
 
@@ -330,7 +312,7 @@ def run_assigners(report: Report, device: torch.device, quick: bool, d2_availabl
             assigner = _assigner(name)
             runs[name] = (lambda a=assigner: a(anchors, boxes, classes, predictions if a.needs_predictions else None))
         if d2_available:
-            runs["d2_matcher"] = _d2_matcher_runner(anchors, boxes, classes)
+            runs["d2_matcher"] = d2_matcher_runner(anchors, boxes, classes)
         for name, run in runs.items():
             ms = round_robin_medians({name: run}, repeats, warmup=1, sync=sync)[name]
             peak = peak_memory_mib(run, device, calls=1)
