@@ -7,7 +7,13 @@ from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
 from torchvision.ops import box_iou
 
 from iou_aware_retinanet.core import BoxCoder, aligned_box_iou, build_iou_predictor
-from iou_aware_retinanet.core.boxes import DEFAULT_SCALE_CLAMP, centers_inside, gt_chunks, valid_box_mask
+from iou_aware_retinanet.core.boxes import (
+    DEFAULT_SCALE_CLAMP,
+    centers_inside,
+    gt_chunks,
+    pairwise_box_iou,
+    valid_box_mask,
+)
 
 
 def random_boxes(n, seed, min_size=1.0, max_size=200.0):
@@ -49,6 +55,26 @@ def test_aligned_box_iou_is_the_diagonal_of_box_iou():
     expected = torch.diag(box_iou(a, b))
     assert bool((expected[:50] > 0).all()) and bool((expected == 0).any())
     torch.testing.assert_close(aligned_box_iou(a, b), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pairwise_box_iou_gives_torchvisions_bits(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, m = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 3000, (1,), generator=g))
+    xy = torch.rand(n + m, 2, generator=g) * 500
+    boxes = torch.cat((xy, xy + torch.rand(n + m, 2, generator=g) * 200), dim=1)
+    boxes[::7, 2:] = boxes[::7, :2]  # zero-area boxes: 0 / 0 in both
+    boxes[1::11] = boxes[0]  # exact duplicates: IoU exactly 1
+    a, b = boxes[:n], boxes[n:]
+    ours, theirs = pairwise_box_iou(a, b), box_iou(a, b)
+    assert ours.shape == (n, m)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_pairwise_box_iou_by_hand():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0], [0.0, 0.0, 1.0, 2.0]])
+    assert pairwise_box_iou(a, b)[0].tolist() == pytest.approx([1 / 7, 1.0, 0.0, 0.5])
 
 
 def test_aligned_box_iou_has_gradients():

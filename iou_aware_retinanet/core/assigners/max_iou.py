@@ -65,7 +65,8 @@ class MaxIoUAssigner(Assigner):
             best.update(iou, chunk.start)
             if self.allow_low_quality_matches:
                 best_per_gt = iou.max(dim=1, keepdim=True).values
-                low_quality |= ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=0)
+                best_per_gt[best_per_gt <= 0] = math.inf  # a GT that overlaps no anchor matches none
+                low_quality |= (iou == best_per_gt).any(dim=0)
             del iou
 
         matched = best.gt.clone()

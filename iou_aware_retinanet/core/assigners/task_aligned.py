@@ -21,9 +21,8 @@ IoU branch's prediction in place of u in t (u still measures the real IoU
 for conflicts and t_hat), closing that loop.
 """
 import torch
-from torchvision.ops import box_iou
 
-from ..boxes import box_centers, candidate_ious, centers_inside, gt_chunks
+from ..boxes import box_centers, candidate_ious, centers_inside, gt_chunks, pairwise_box_iou
 from .base import Assigner, Assignment, register_assigner, resolve_conflicts
 
 
@@ -81,7 +80,7 @@ class TaskAlignedAssigner(Assigner):
             if self.use_iou_prediction:
                 quality = predictions.ious[None, :].expand_as(scores)
             else:
-                quality = box_iou(gts, predictions.boxes)
+                quality = pairwise_box_iou(gts, predictions.boxes)
             metric = scores.pow(self.alpha) * quality.pow(self.beta)
             metric, idx = metric.topk(k, dim=1)  # (g, k), over all levels
             gt_idx = torch.arange(chunk.start, chunk.stop, device=device)[:, None].expand_as(idx)
