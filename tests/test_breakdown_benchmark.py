@@ -111,6 +111,38 @@ def test_breakdown_head_flops_match_its_convolutions(datasets):
     assert macs["backbone"] > 0
 
 
+def test_breakdown_convolution_macs_by_hand():
+    call = {"weight_shape": (8, 3, 3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1),
+            "input_shape": (2, 3, 9, 9)}
+    assert breakdown._conv_macs(call) == 2 * 8 * 5 * 5 * (3 * 3 * 3)  # 9 px, stride 2, pad 1 -> 5 px
+    call.update(weight_shape=(8, 1, 3, 3), groups=3)  # depthwise-like: in-channels per group
+    assert breakdown._conv_macs(call) == 2 * 8 * 5 * 5 * 9
+
+
+def test_breakdown_convolution_floor_covers_the_steps_convolutions(breakdown_run, datasets):
+    """The recorded calls are the step's convolutions (as many as the profiler counts), their
+    multiply-adds are fvcore's count less the norms, and both memory formats time them all."""
+    result, text, _ = breakdown_run
+    cfg = setup_cfg(str(breakdown.MAIN_CONFIG), breakdown.QUICK_OPTS)
+    images, targets = breakdown.load_batches(cfg, 1)[0]
+    model, _, _ = breakdown.fresh_training_state(cfg)
+    calls = breakdown.record_convolutions(model, images, targets)
+    ops = {op["op"]: op for op in result["per_step"]["profile"]["ops"]}
+    assert len(calls) == ops["aten::convolution"]["calls"]
+    assert calls[0]["input_grad"] is False and all(c["input_grad"] for c in calls[1:])  # only the stem's input is data
+    macs = breakdown.count_forward_macs(model, images, targets)
+    conv_macs = sum(breakdown._conv_macs(c) for c in calls)
+    assert 0.95 * (macs["backbone"] + macs["head"]) <= conv_macs <= macs["backbone"] + macs["head"]
+    floor = result["convolutions"]
+    assert set(floor) == {"default", "channels-last"}
+    for c in floor.values():
+        assert c["calls"] == len(calls)
+        assert _positive(c["ms"]) and _positive(c["forward_ms"]) and c["forward_ms"] < c["ms"]
+        # forward + weight gradient for the stem, + input gradient for the rest
+        assert c["gflop"] == pytest.approx((3 * 2 * conv_macs - 2 * breakdown._conv_macs(calls[0])) / 1e9)
+        assert f"| {'default' if c is floor['default'] else 'channels-last'} | {c['ms']:.2f} |" in text
+
+
 def test_breakdown_reports_peak_and_prints_every_part(breakdown_run):
     result, text, from_json = breakdown_run
     assert set(breakdown.PEAK_KERNELS) <= set(result["peak"])

@@ -19,6 +19,13 @@ loader, loaded beforehand), prints:
   assignment, losses, backward (with gradient clipping), optimizer step,
   other (LR schedule, loss values, glue), in ms and % of the step, with the
   achieved GFLOP/s where a FLOP count applies;
+* the convolutions' floor: each convolution call of a training forward
+  (backbone, FPN, head, as recorded on one real batch) timed on its
+  own, forward and backward, on random tensors of its shapes, in the default
+  and the channels-last memory format, summed over the step's calls. It is
+  what the step's convolutions cost with this machine's kernels at these
+  shapes, with nothing around them: the step cannot go below it by removing
+  overhead;
 * then, from ``torch.profiler`` over a few more steps (``--profile K``, 0 to
   skip): the operator calls per step and the K operators with the most self
   CPU time, with their calls per step (many small operators point to Python
@@ -45,6 +52,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..studies.recipe import MAIN_CONFIG
 from ..tv.cli import setup_cfg
@@ -172,6 +180,91 @@ def measure_peak(head_input_shape: Sequence[int], quick: bool = False, repeats: 
                 results[name + suffix] = {
                     "shape": f"({bn}, {c}, {h}, {w}) -> {c} channels", "ms": ms, "gflops": flops / ms / 1e6,
                 }
+    return results
+
+
+class _ConvolutionRecorder(TorchFunctionMode):
+    """Records every 2-D convolution call, by module or functional (the head's output convs are
+    functional): weight and input shapes, geometry, and whether the input needs a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[dict] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.conv2d or func is torch.conv2d:
+            bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+            x, weight = bound["input"], bound["weight"]
+
+            def pair(value, default):
+                value = bound.get(value, default)
+                return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+            self.calls.append({
+                "weight_shape": tuple(weight.shape), "bias": bound.get("bias") is not None,
+                "stride": pair("stride", 1), "padding": pair("padding", 0), "dilation": pair("dilation", 1),
+                "groups": int(bound.get("groups", 1)), "input_shape": tuple(x.shape),
+                "input_grad": bool(x.requires_grad),
+            })
+        return func(*args, **kwargs)
+
+
+def record_convolutions(model, images, targets) -> List[dict]:
+    """Every 2-D convolution of one training forward of backbone + FPN and head, in order:
+    weight and input shapes, stride, padding, dilation, groups, and whether its input needs
+    a gradient. Recorded on a copy of the model (the forward moves BatchNorm statistics)."""
+    model = copy.deepcopy(model)
+    batched, _ = model.transform(images, [dict(t) for t in targets])
+    with _ConvolutionRecorder() as recorder:
+        model.head(list(model.backbone(batched.tensors).values()))
+    return recorder.calls
+
+
+def _conv_macs(call: dict) -> int:
+    out_c, in_c_per_group, kh, kw = call["weight_shape"]
+    n, _, h, w = call["input_shape"]
+    out_h = (h + 2 * call["padding"][0] - call["dilation"][0] * (kh - 1) - 1) // call["stride"][0] + 1
+    out_w = (w + 2 * call["padding"][1] - call["dilation"][1] * (kw - 1) - 1) // call["stride"][1] + 1
+    return n * out_c * out_h * out_w * in_c_per_group * kh * kw
+
+
+def time_convolutions(calls: Sequence[dict], repeats: int = 5) -> Dict[str, dict]:
+    """The floor the convolutions set: each distinct call of ``calls`` timed alone, forward +
+    backward (weight gradient, and input gradient where the model needs it), on random
+    tensors of its shapes, median of ``repeats``; summed over the step's calls. Per memory
+    format: {"ms", "forward_ms", "gflop", "gflops", "calls"}."""
+    counts: Dict[tuple, int] = {}
+    for call in calls:
+        key = tuple(sorted(call.items()))
+        counts[key] = counts.get(key, 0) + 1
+    results = {}
+    for name, memory_format in (("default", torch.contiguous_format), ("channels-last", torch.channels_last)):
+        total_ms = forward_ms = flops = 0.0
+        for key, count in counts.items():
+            call = dict(key)
+            weight = torch.randn(call["weight_shape"]).contiguous(memory_format=memory_format).requires_grad_()
+            bias = torch.zeros(call["weight_shape"][0], requires_grad=True) if call["bias"] else None
+            x = torch.randn(call["input_shape"]).contiguous(memory_format=memory_format)
+            x.requires_grad_(call["input_grad"])
+            geometry = dict(stride=call["stride"], padding=call["padding"], dilation=call["dilation"],
+                            groups=call["groups"])
+
+            def forward():
+                return torch.nn.functional.conv2d(x, weight, bias, **geometry)
+
+            grad = torch.randn_like(forward())
+
+            def forward_backward():
+                forward().backward(grad)
+
+            with torch.no_grad():
+                forward_ms += count * median_ms(forward, repeats)
+            total_ms += count * median_ms(forward_backward, repeats)
+            macs = _conv_macs(call)
+            flops += count * 2 * macs * (3 if call["input_grad"] else 2)
+        results[name] = {"ms": total_ms, "forward_ms": forward_ms, "gflop": flops / 1e9,
+                         "gflops": flops / total_ms / 1e6, "calls": len(calls)}
     return results
 
 
@@ -378,6 +471,14 @@ def format_report(result: dict) -> List[str]:
         gflop = "-" if p["gflop"] is None else f"{p['gflop']:.2f}"
         lines.append(f"| {p['part']} | {p['ms']:.2f} | {100 * p['share']:.1f} | {gflop} | {_gflops(p['gflops'])} |")
     lines.append(f"| sum of the parts | {s['parts_sum_ms']:.2f} | {100 * s['parts_sum_ms'] / s['step_ms']:.1f} | | |")
+    floor = result.get("convolutions")
+    if floor:
+        lines += ["", f"the step's {floor['default']['calls']} convolution calls, each timed alone "
+                  "(forward + backward, random tensors of their shapes):", "",
+                  "| memory format | ms | forward ms | GFLOP | GFLOP/s | % of the plain step |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {c['ms']:.2f} | {c['forward_ms']:.2f} | {c['gflop']:.2f} | {c['gflops']:.1f} | "
+                  f"{100 * c['ms'] / s['plain_step_ms']:.0f} |" for name, c in floor.items()]
     profile = result["per_step"].get("profile")
     if profile and result["profile_top"]:
         lines += [
@@ -417,6 +518,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     images, targets = batches[0]
     model, _, _ = fresh_training_state(cfg)
     macs = count_forward_macs(model, images, targets)
+    convolutions = time_convolutions(record_convolutions(model, images, targets), repeats=2 if args.quick else 5)
     del model
     peak = measure_peak(macs["head_input_shape"], quick=args.quick)
     times = time_step_parts(cfg, batches, steps, warmup, (1 if args.quick else PROFILE_STEPS) if args.profile else 0)
@@ -429,6 +531,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "profile_top": args.profile,
         "machine": machine_info(),
         "peak": peak,
+        "convolutions": convolutions,
         "summary": summarize(times["timed"], times["plain"], macs),
         "per_step": times,
     }
