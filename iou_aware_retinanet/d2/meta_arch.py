@@ -92,6 +92,7 @@ class IoUAwareRetinaNet(RetinaNet):
         loss_config: LossConfig,
         inference_config: InferenceConfig,
         num_anchors_per_location: int,
+        channels_last: bool = False,
         **kwargs,
     ):
         # The Matcher is replaced by the assigner; Detectron2's own threshold
@@ -102,6 +103,10 @@ class IoUAwareRetinaNet(RetinaNet):
         self.loss_config = loss_config
         self.inference_config = inference_config
         self.num_anchors_per_location = num_anchors_per_location
+        if channels_last:
+            # Channels-last weights make every convolution's output channels-last
+            # (MODEL.CHANNELS_LAST); build_model's .to(device) keeps the format.
+            self.to(memory_format=torch.channels_last)
 
     # TorchScript reads plain attributes, not a dataclass: the setter keeps the
     # inference options in a tuple beside the config (see ``forward_inference``).
@@ -130,6 +135,7 @@ class IoUAwareRetinaNet(RetinaNet):
         ret["loss_config"] = loss_config_from_cfg(cfg)
         loss_normalizer_from_cfg(cfg, "detectron2")  # Detectron2's EMA normalizer is the only one here
         ret["inference_config"] = inference_config_from_cfg(cfg)
+        ret["channels_last"] = cfg.MODEL.CHANNELS_LAST
         return ret
 
     @property

@@ -443,4 +443,8 @@ def build_model(cfg) -> IoUAwareRetinaNet:
         box_coder=BoxCoder(weights=tuple(cfg.MODEL.RETINANET.BBOX_REG_WEIGHTS)),
         loss_normalizer=loss_normalizer_from_cfg(cfg, "torchvision"),
     )
+    if cfg.MODEL.CHANNELS_LAST:
+        # Channels-last weights make every convolution's output channels-last, so the
+        # whole network runs in that format without converting the input batch.
+        model.to(memory_format=torch.channels_last)
     return model.to(device)

@@ -198,3 +198,19 @@ def test_detectron2_front_end_imports_nothing_from_the_torchvision_front_end():
                 continue
             for name in names:
                 assert not (name.startswith("..tv") or name.startswith("iou_aware_retinanet.tv")), (path.name, name)
+
+
+def test_channels_last_model_computes_the_same_losses():
+    """MODEL.CHANNELS_LAST on Detectron2's front-end: channels-last weights (kept by
+    build_model's .to(device)) and the same losses up to float rounding."""
+    inputs = random_inputs(num_images=2, num_gt=(4, 2))
+    losses = {}
+    for channels_last in (False, True):
+        model = _build(["MODEL.CHANNELS_LAST", channels_last])
+        weights = [p for p in model.parameters() if p.dim() == 4]
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights) == channels_last
+        model.train()
+        with EventStorage():
+            losses[channels_last] = model(inputs)
+    for name in losses[False]:
+        torch.testing.assert_close(losses[True][name], losses[False][name], rtol=1e-5, atol=1e-6)

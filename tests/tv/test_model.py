@@ -358,3 +358,43 @@ def test_detectron2_loss_normalizer_by_hand():
             assert "loss_normalizer_ema" in model.state_dict()  # checkpointed: exact resume
     with pytest.raises(ValueError, match="MODEL.RETINANET.LOSS_NORMALIZER='mean'"):
         build_model(tiny_cfg(["MODEL.RETINANET.LOSS_NORMALIZER", "mean"]))
+
+
+def _four_d_parameters(model):
+    return [(name, p) for name, p in model.named_parameters() if p.dim() == 4]
+
+
+def test_channels_last_model_computes_the_same_losses_and_detections():
+    """MODEL.CHANNELS_LAST: every 4-D weight and every feature map channels-last, the same
+    losses, gradients and detections up to float rounding, and checkpoints interchangeable."""
+    images, targets = random_inputs(num_images=2, num_gt=(4, 2))
+    models = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        models[channels_last] = build_model(tiny_cfg(["MODEL.CHANNELS_LAST", channels_last]))
+    default, fast = models[False], models[True]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for _, p in _four_d_parameters(fast))
+    assert not all(p.is_contiguous(memory_format=torch.channels_last) for _, p in _four_d_parameters(default))
+    features = fast.backbone(torch.rand(2, 3, 96, 128))  # a contiguous batch: the weights set the format
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features.values())
+    losses = {}
+    for key, model in models.items():
+        losses[key] = _train_step(model, images, targets)
+        assert set(losses[key]) == {"loss_cls", "loss_box_reg", "loss_iou"}
+    for name in losses[False]:
+        torch.testing.assert_close(losses[True][name], losses[False][name], rtol=1e-5, atol=1e-6)
+    grads = {name: p.grad for name, p in fast.named_parameters()}
+    for name, p in default.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-5)
+    # A checkpoint of either loads into the other, values unchanged and format kept.
+    default.load_state_dict(fast.state_dict())
+    assert all(torch.equal(p, dict(fast.named_parameters())[n]) for n, p in default.named_parameters())
+    assert all(p.is_contiguous() for _, p in _four_d_parameters(default))
+    scramble_head(default)
+    fast.load_state_dict(default.state_dict())
+    default.eval(), fast.eval()
+    with torch.no_grad():
+        for a, b in zip(default(images), fast(images)):
+            assert torch.equal(a["labels"], b["labels"])
+            torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
