@@ -53,7 +53,7 @@ def add_iou_aware_retinanet_config(cfg) -> None:
     # Keep the model's 4-D weights, and so every feature map, in the channels-last
     # memory format: the same maths (rounding differs at ~1e-6), and a faster
     # training step on CPUs whose convolution kernels prefer it (docs/performance.md).
-    # Off by default, as in Detectron2; checkpoints load either way.
+    # Off by default (Detectron2's contiguous layout); checkpoints load either way.
     cfg.MODEL.CHANNELS_LAST = False
 
     # The IoU branch: head conv, BCE loss, fused inference score.

@@ -117,6 +117,32 @@ def test_breakdown_convolution_macs_by_hand():
     assert breakdown._conv_macs(call) == 2 * 8 * 5 * 5 * (3 * 3 * 3)  # 9 px, stride 2, pad 1 -> 5 px
     call.update(weight_shape=(8, 1, 3, 3), groups=3)  # depthwise-like: in-channels per group
     assert breakdown._conv_macs(call) == 2 * 8 * 5 * 5 * 9
+    call.update(stride=(1, 1), padding="same")
+    assert breakdown._conv_macs(call) == 2 * 8 * 9 * 9 * 9
+    call.update(padding="valid")
+    assert breakdown._conv_macs(call) == 2 * 8 * 7 * 7 * 9
+
+
+def test_breakdown_records_functional_convolutions_and_their_gradients():
+    """Module and functional calls, positional or keyword arguments, string padding, and
+    which of input and weight need gradients."""
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    frozen = torch.randn(5, 4, 1, 1)  # no gradient, as a frozen layer's
+    x = torch.randn(2, 3, 8, 8)
+    with breakdown._ConvolutionRecorder() as recorder:
+        y = conv(x)
+        torch.nn.functional.conv2d(y, frozen, None, padding="same")
+        torch.nn.functional.conv2d(input=y, weight=frozen, dilation=2)
+    first, second, third = recorder.calls
+    assert first["weight_shape"] == (4, 3, 3, 3) and first["stride"] == (2, 2) and first["padding"] == (1, 1)
+    assert first["bias"] and first["weight_grad"] and not first["input_grad"]
+    assert second["padding"] == "same" and not second["bias"] and second["input_grad"] and not second["weight_grad"]
+    assert third["dilation"] == (2, 2) and third["padding"] == (0, 0) and third["input_shape"] == (2, 4, 4, 4)
+    timed = breakdown.time_convolutions(recorder.calls, repeats=1)
+    assert timed["default"]["calls"] == 3
+    macs = [breakdown._conv_macs(c) for c in recorder.calls]
+    # forward + weight gradient; forward + input gradient (twice)
+    assert timed["default"]["gflop"] == pytest.approx(2 * (2 * macs[0] + 2 * macs[1] + 2 * macs[2]) / 1e9)
 
 
 def test_breakdown_convolution_floor_covers_the_steps_convolutions(breakdown_run, datasets):
@@ -130,6 +156,7 @@ def test_breakdown_convolution_floor_covers_the_steps_convolutions(breakdown_run
     ops = {op["op"]: op for op in result["per_step"]["profile"]["ops"]}
     assert len(calls) == ops["aten::convolution"]["calls"]
     assert calls[0]["input_grad"] is False and all(c["input_grad"] for c in calls[1:])  # only the stem's input is data
+    assert all(c["weight_grad"] for c in calls)  # the Shapes configs freeze nothing
     macs = breakdown.count_forward_macs(model, images, targets)
     conv_macs = sum(breakdown._conv_macs(c) for c in calls)
     assert 0.95 * (macs["backbone"] + macs["head"]) <= conv_macs <= macs["backbone"] + macs["head"]

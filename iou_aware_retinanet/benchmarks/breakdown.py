@@ -22,10 +22,10 @@ loader, loaded beforehand), prints:
 * the convolutions' floor: each convolution call of a training forward
   (backbone, FPN, head, as recorded on one real batch) timed on its
   own, forward and backward, on random tensors of its shapes, in the default
-  and the channels-last memory format, summed over the step's calls. It is
-  what the step's convolutions cost with this machine's kernels at these
-  shapes, with nothing around them: the step cannot go below it by removing
-  overhead;
+  and the channels-last memory format, summed over the step's calls: what
+  the step's convolutions cost with this machine's kernels at these shapes,
+  with nothing around them, next to the profile's time of the same kernels
+  inside the step;
 * then, from ``torch.profiler`` over a few more steps (``--profile K``, 0 to
   skip): the operator calls per step and the K operators with the most self
   CPU time, with their calls per step (many small operators point to Python
@@ -185,7 +185,7 @@ def measure_peak(head_input_shape: Sequence[int], quick: bool = False, repeats: 
 
 class _ConvolutionRecorder(TorchFunctionMode):
     """Records every 2-D convolution call, by module or functional (the head's output convs are
-    functional): weight and input shapes, geometry, and whether the input needs a gradient."""
+    functional): weight and input shapes, geometry, and whether input and weight need gradients."""
 
     def __init__(self):
         super().__init__()
@@ -199,21 +199,23 @@ class _ConvolutionRecorder(TorchFunctionMode):
 
             def pair(value, default):
                 value = bound.get(value, default)
+                if isinstance(value, str):  # padding "same" / "valid"
+                    return value
                 return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
             self.calls.append({
                 "weight_shape": tuple(weight.shape), "bias": bound.get("bias") is not None,
                 "stride": pair("stride", 1), "padding": pair("padding", 0), "dilation": pair("dilation", 1),
                 "groups": int(bound.get("groups", 1)), "input_shape": tuple(x.shape),
-                "input_grad": bool(x.requires_grad),
+                "input_grad": bool(x.requires_grad), "weight_grad": bool(weight.requires_grad),
             })
         return func(*args, **kwargs)
 
 
 def record_convolutions(model, images, targets) -> List[dict]:
     """Every 2-D convolution of one training forward of backbone + FPN and head, in order:
-    weight and input shapes, stride, padding, dilation, groups, and whether its input needs
-    a gradient. Recorded on a copy of the model (the forward moves BatchNorm statistics)."""
+    weight and input shapes, stride, padding, dilation, groups, and whether its input and its
+    weight need gradients. Recorded on a copy of the model (the forward moves BatchNorm statistics)."""
     model = copy.deepcopy(model)
     batched, _ = model.transform(images, [dict(t) for t in targets])
     with _ConvolutionRecorder() as recorder:
@@ -224,16 +226,21 @@ def record_convolutions(model, images, targets) -> List[dict]:
 def _conv_macs(call: dict) -> int:
     out_c, in_c_per_group, kh, kw = call["weight_shape"]
     n, _, h, w = call["input_shape"]
-    out_h = (h + 2 * call["padding"][0] - call["dilation"][0] * (kh - 1) - 1) // call["stride"][0] + 1
-    out_w = (w + 2 * call["padding"][1] - call["dilation"][1] * (kw - 1) - 1) // call["stride"][1] + 1
+    padding, stride, dilation = call["padding"], call["stride"], call["dilation"]
+    if padding == "same":  # stride 1 (PyTorch's rule): the output keeps the input's size
+        out_h, out_w = h, w
+    else:
+        padding = (0, 0) if padding == "valid" else padding
+        out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return n * out_c * out_h * out_w * in_c_per_group * kh * kw
 
 
 def time_convolutions(calls: Sequence[dict], repeats: int = 5) -> Dict[str, dict]:
-    """The floor the convolutions set: each distinct call of ``calls`` timed alone, forward +
-    backward (weight gradient, and input gradient where the model needs it), on random
-    tensors of its shapes, median of ``repeats``; summed over the step's calls. Per memory
-    format: {"ms", "forward_ms", "gflop", "gflops", "calls"}."""
+    """The convolutions on their own: each distinct call of ``calls`` timed alone, forward +
+    backward (the gradients the model needs: weight, bias, input), on random tensors of its
+    shapes, median of ``repeats``; summed over the step's calls. Per memory format:
+    {"ms", "forward_ms", "gflop", "gflops", "calls"}."""
     counts: Dict[tuple, int] = {}
     for call in calls:
         key = tuple(sorted(call.items()))
@@ -243,10 +250,12 @@ def time_convolutions(calls: Sequence[dict], repeats: int = 5) -> Dict[str, dict
         total_ms = forward_ms = flops = 0.0
         for key, count in counts.items():
             call = dict(key)
-            weight = torch.randn(call["weight_shape"]).contiguous(memory_format=memory_format).requires_grad_()
-            bias = torch.zeros(call["weight_shape"][0], requires_grad=True) if call["bias"] else None
+            weight = torch.randn(call["weight_shape"]).contiguous(memory_format=memory_format)
+            weight.requires_grad_(call["weight_grad"])
+            bias = torch.zeros(call["weight_shape"][0], requires_grad=call["weight_grad"]) if call["bias"] else None
             x = torch.randn(call["input_shape"]).contiguous(memory_format=memory_format)
             x.requires_grad_(call["input_grad"])
+            needs_grad = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
             geometry = dict(stride=call["stride"], padding=call["padding"], dilation=call["dilation"],
                             groups=call["groups"])
 
@@ -256,13 +265,17 @@ def time_convolutions(calls: Sequence[dict], repeats: int = 5) -> Dict[str, dict
             grad = torch.randn_like(forward())
 
             def forward_backward():
-                forward().backward(grad)
+                # autograd.grad, not .backward(): nothing accumulates into .grad between repeats
+                if needs_grad:
+                    torch.autograd.grad(forward(), needs_grad, grad)
+                else:
+                    forward()
 
             with torch.no_grad():
                 forward_ms += count * median_ms(forward, repeats)
             total_ms += count * median_ms(forward_backward, repeats)
             macs = _conv_macs(call)
-            flops += count * 2 * macs * (3 if call["input_grad"] else 2)
+            flops += count * 2 * macs * (1 + call["input_grad"] + call["weight_grad"])  # forward + each gradient
         results[name] = {"ms": total_ms, "forward_ms": forward_ms, "gflop": flops / 1e9,
                          "gflops": flops / total_ms / 1e6, "calls": len(calls)}
     return results

@@ -64,11 +64,27 @@ def test_pairwise_box_iou_gives_torchvisions_bits(seed):
     xy = torch.rand(n + m, 2, generator=g) * 500
     boxes = torch.cat((xy, xy + torch.rand(n + m, 2, generator=g) * 200), dim=1)
     boxes[::7, 2:] = boxes[::7, :2]  # zero-area boxes: 0 / 0 in both
-    boxes[1::11] = boxes[0]  # exact duplicates: IoU exactly 1
+    boxes[12::11] = boxes[1]  # exact duplicates of a box with an area: IoU exactly 1
     a, b = boxes[:n], boxes[n:]
     ours, theirs = pairwise_box_iou(a, b), box_iou(a, b)
     assert ours.shape == (n, m)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    if n > 1:
+        assert (ours[1, boxes[n:].eq(boxes[1]).all(dim=1)] == 1).all()
+    # a transposed (non-contiguous) input gives the same bits
+    torch.testing.assert_close(pairwise_box_iou(a, b.t().contiguous().t()), theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_pairwise_box_iou_other_dtypes_match_torchvision():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 300
+    boxes = torch.cat((xy, xy + 1 + torch.rand(60, 2, generator=g) * 300), dim=1)  # areas up to 90,000 px^2
+    a, b = boxes[:10], boxes[10:]
+    half = pairwise_box_iou(a.half(), b.half())  # areas beyond float16's range: computed in float32
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, box_iou(a.half(), b.half()).float(), rtol=1e-3, atol=1e-3)
+    ints = pairwise_box_iou(a.long(), b.long())
+    torch.testing.assert_close(ints, box_iou(a.long(), b.long()), rtol=1e-6, atol=1e-7)
 
 
 def test_pairwise_box_iou_by_hand():

@@ -200,13 +200,14 @@ def test_detectron2_front_end_imports_nothing_from_the_torchvision_front_end():
                 assert not (name.startswith("..tv") or name.startswith("iou_aware_retinanet.tv")), (path.name, name)
 
 
-def test_channels_last_model_computes_the_same_losses():
+def test_channels_last_model_computes_the_same_losses_and_detections():
     """MODEL.CHANNELS_LAST on Detectron2's front-end: channels-last weights (kept by
-    build_model's .to(device)) and the same losses up to float rounding."""
+    build_model's .to(device)), the same losses up to float rounding, checkpoints
+    interchangeable, the same detections."""
     inputs = random_inputs(num_images=2, num_gt=(4, 2))
-    losses = {}
+    models, losses = {}, {}
     for channels_last in (False, True):
-        model = _build(["MODEL.CHANNELS_LAST", channels_last])
+        model = models[channels_last] = _build(["MODEL.CHANNELS_LAST", channels_last])
         weights = [p for p in model.parameters() if p.dim() == 4]
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights) == channels_last
         model.train()
@@ -214,3 +215,14 @@ def test_channels_last_model_computes_the_same_losses():
             losses[channels_last] = model(inputs)
     for name in losses[False]:
         torch.testing.assert_close(losses[True][name], losses[False][name], rtol=1e-5, atol=1e-6)
+    default, fast = models[False], models[True]
+    scramble_head(default)
+    fast.load_state_dict(default.state_dict())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.dim() == 4)
+    default.eval(), fast.eval()
+    with torch.no_grad():
+        for a, b in zip(default(inputs), fast(inputs)):
+            a, b = a["instances"], b["instances"]
+            assert len(a) == len(b) > 0 and torch.equal(a.pred_classes, b.pred_classes)
+            torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
