@@ -145,7 +145,7 @@ def test_breakdown_records_functional_convolutions_and_their_gradients():
     assert timed["default"]["gflop"] == pytest.approx(2 * (2 * macs[0] + 2 * macs[1] + 2 * macs[2]) / 1e9)
 
 
-def test_breakdown_convolution_floor_covers_the_steps_convolutions(breakdown_run, datasets):
+def test_breakdown_times_each_of_the_steps_convolutions(breakdown_run, datasets):
     """The recorded calls are the step's convolutions (as many as the profiler counts), their
     multiply-adds are fvcore's count less the norms, and both memory formats time them all."""
     result, text, _ = breakdown_run
@@ -160,14 +160,14 @@ def test_breakdown_convolution_floor_covers_the_steps_convolutions(breakdown_run
     macs = breakdown.count_forward_macs(model, images, targets)
     conv_macs = sum(breakdown._conv_macs(c) for c in calls)
     assert 0.95 * (macs["backbone"] + macs["head"]) <= conv_macs <= macs["backbone"] + macs["head"]
-    floor = result["convolutions"]
-    assert set(floor) == {"default", "channels-last"}
-    for c in floor.values():
+    alone = result["convolutions"]
+    assert set(alone) == {"default", "channels-last"}
+    for c in alone.values():
         assert c["calls"] == len(calls)
         assert _positive(c["ms"]) and _positive(c["forward_ms"]) and c["forward_ms"] < c["ms"]
         # forward + weight gradient for the stem, + input gradient for the rest
         assert c["gflop"] == pytest.approx((3 * 2 * conv_macs - 2 * breakdown._conv_macs(calls[0])) / 1e9)
-        assert f"| {'default' if c is floor['default'] else 'channels-last'} | {c['ms']:.2f} |" in text
+        assert f"| {'default' if c is alone['default'] else 'channels-last'} | {c['ms']:.2f} |" in text
 
 
 def test_breakdown_reports_peak_and_prints_every_part(breakdown_run):

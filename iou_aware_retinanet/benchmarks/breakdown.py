@@ -19,7 +19,7 @@ loader, loaded beforehand), prints:
   assignment, losses, backward (with gradient clipping), optimizer step,
   other (LR schedule, loss values, glue), in ms and % of the step, with the
   achieved GFLOP/s where a FLOP count applies;
-* the convolutions' floor: each convolution call of a training forward
+* the convolutions on their own: each convolution call of a training forward
   (backbone, FPN, head, as recorded on one real batch) timed on its
   own, forward and backward, on random tensors of its shapes, in the default
   and the channels-last memory format, summed over the step's calls: what
@@ -484,14 +484,14 @@ def format_report(result: dict) -> List[str]:
         gflop = "-" if p["gflop"] is None else f"{p['gflop']:.2f}"
         lines.append(f"| {p['part']} | {p['ms']:.2f} | {100 * p['share']:.1f} | {gflop} | {_gflops(p['gflops'])} |")
     lines.append(f"| sum of the parts | {s['parts_sum_ms']:.2f} | {100 * s['parts_sum_ms'] / s['step_ms']:.1f} | | |")
-    floor = result.get("convolutions")
-    if floor:
-        lines += ["", f"the step's {floor['default']['calls']} convolution calls, each timed alone "
+    alone = result.get("convolutions")
+    if alone:
+        lines += ["", f"the step's {alone['default']['calls']} convolution calls, each timed alone "
                   "(forward + backward, random tensors of their shapes):", "",
                   "| memory format | ms | forward ms | GFLOP | GFLOP/s | % of the plain step |",
                   "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {name} | {c['ms']:.2f} | {c['forward_ms']:.2f} | {c['gflop']:.2f} | {c['gflops']:.1f} | "
-                  f"{100 * c['ms'] / s['plain_step_ms']:.0f} |" for name, c in floor.items()]
+                  f"{100 * c['ms'] / s['plain_step_ms']:.0f} |" for name, c in alone.items()]
     profile = result["per_step"].get("profile")
     if profile and result["profile_top"]:
         lines += [
