@@ -236,6 +236,7 @@ def test_levers_joined_by_plus_apply_together():
     cfg = setup_cfg(str(breakdown.MAIN_CONFIG), breakdown.QUICK_OPTS)
     variant = levers.build_variant("channels_last+anchor_cache+bf16+threads_2", cfg, 1)
     assert variant.threads == 2 and variant.cfg.SOLVER.AMP.ENABLED and not cfg.SOLVER.AMP.ENABLED
+    assert variant.cfg.MODEL.CHANNELS_LAST and not cfg.MODEL.CHANNELS_LAST
     assert variant.model.anchor_generator.cache
     convs = [m for m in variant.model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
